@@ -1,0 +1,56 @@
+"""Plain architectures, selectable by name from gin; no subnet code lives here."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import gin
+from torch import nn
+
+from advews.errors import AdvewsError
+from advews.models.normalize import Normalized
+from advews.models.preact_resnet import PreActBlock, PreActResNet, preact_resnet18, small_preact_resnet
+from advews.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
+from advews.models.wide_resnet import WideBlock, WideResNet, wrn_28_10, wrn_34_10
+
+ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
+    "preact_resnet18": preact_resnet18,
+    "small_preact_resnet": small_preact_resnet,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "wrn_28_10": wrn_28_10,
+    "wrn_34_10": wrn_34_10,
+    "wide_resnet": WideResNet,
+}
+
+
+@gin.configurable("model")
+def model_spec(arch: str = "preact_resnet18", options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The architecture name and its keyword options; the data adds classes, channels and normalisation."""
+    if arch not in ARCHITECTURES:
+        raise AdvewsError(f"unknown model {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    return {"arch": arch, "options": dict(options or {})}
+
+
+def build_model(spec: Dict[str, Any]) -> Normalized:
+    """Build a normalised model from a spec dict: arch, options, num_classes, in_channels, mean, std.
+
+    The same dict is stored in checkpoints, so a checkpoint alone rebuilds its model.
+    """
+    arch = spec["arch"]
+    if arch not in ARCHITECTURES:
+        raise AdvewsError(f"unknown model {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    try:
+        net = ARCHITECTURES[arch](
+            num_classes=spec["num_classes"], in_channels=spec["in_channels"], **spec.get("options", {})
+        )
+    except TypeError as e:
+        raise AdvewsError(f"bad options {spec.get('options')} for model {arch!r}: {e}") from None
+    return Normalized(net, spec.get("mean", [0.0] * spec["in_channels"]), spec.get("std", [1.0] * spec["in_channels"]))
+
+
+__all__ = [
+    "ARCHITECTURES", "BasicBlock", "Bottleneck", "Normalized", "PreActBlock", "PreActResNet", "ResNet",
+    "WideBlock", "WideResNet", "build_model", "model_spec", "preact_resnet18", "resnet18", "resnet50",
+    "small_preact_resnet", "wrn_28_10", "wrn_34_10",
+]
