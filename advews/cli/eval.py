@@ -1,0 +1,141 @@
+"""advews-eval: clean and robust accuracy of a trained checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from advews.cli.common import run_cli
+from advews.errors import AdvewsError
+
+ATTACKS = ("pgd", "fgsm", "none")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="advews-eval", description="Evaluate a checkpoint's clean and robust accuracy.")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.pt or last.pt of advews-train")
+    p.add_argument("--attack", default="pgd", help=f"one of {', '.join(ATTACKS)} (default pgd)")
+    p.add_argument("--eps", type=float, help="perturbation budget (default: the one the checkpoint was trained with)")
+    p.add_argument("--steps", type=int, default=20, help="attack iterations (default 20)")
+    p.add_argument("--step-size", type=float, help="attack step size (default 2.5 * eps / steps)")
+    p.add_argument("--norm", choices=("Linf", "L2"), help="threat model norm (default: the training one)")
+    p.add_argument("--restarts", type=int, default=1, help="PGD random restarts (default 1)")
+    p.add_argument("--n-examples", type=int, help="evaluate the first N examples only")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data", metavar="SPEC", help="test data: default the checkpoint dataset's test split; "
+                   "npz:FILE for arrays x (N x H x W x C uint8) and y (N ints)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the attack's random start")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", metavar="FILE", help="write the results as JSON (refuses to overwrite)")
+    p.add_argument("--force", action="store_true", help="allow --output to overwrite an existing file")
+    return p
+
+
+def load_npz(path: str):
+    from advews.data import ArrayDataset
+
+    if not os.path.isfile(path):
+        raise AdvewsError(f"--data npz file not found: {path}")
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f or "y" not in f:
+            raise AdvewsError(f"{path} must hold arrays 'x' and 'y', found {', '.join(f.files) or 'none'}")
+        x, y = f["x"], f["y"]
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise AdvewsError(f"{path}: x must be N x H x W x C uint8, got {x.dtype} with shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise AdvewsError(f"{path}: y must be {len(x)} integers, got {y.dtype} with shape {y.shape}")
+    return ArrayDataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
+
+
+def load_eval_data(spec: Optional[str], data_spec: Dict[str, Any]):
+    if spec is None:
+        from advews.data import load_data
+
+        kwargs = {k: v for k, v in data_spec.items() if k not in ("train_limit",)}
+        return load_data(**kwargs).test
+    if spec.startswith("npz:"):
+        return load_npz(spec[4:])
+    raise AdvewsError(f"bad --data {spec!r}; use npz:FILE or leave it out for the checkpoint's test split")
+
+
+def make_attack(args: argparse.Namespace, threat: Dict[str, Any]):
+    from advews.attacks import FGSM, PGD
+
+    if args.attack not in ATTACKS:
+        raise AdvewsError(f"unknown --attack {args.attack!r}; choose one of {', '.join(ATTACKS)}")
+    if args.attack == "none":
+        return None, {}
+    eps = args.eps if args.eps is not None else threat.get("eps")
+    if eps is None:
+        raise AdvewsError("--eps is required: the checkpoint records no training threat model")
+    norm = args.norm or threat.get("norm", "Linf")
+    if args.attack == "fgsm":
+        return FGSM(eps=eps, norm=norm), {"eps": eps, "norm": norm}
+    step_size = args.step_size if args.step_size is not None else 2.5 * eps / max(args.steps, 1)
+    params = {"eps": eps, "norm": norm, "steps": args.steps, "step_size": step_size, "restarts": args.restarts}
+    return PGD(**params), params
+
+
+def _main(args: argparse.Namespace) -> int:
+    from advews.engine.checkpoint import load_checkpoint
+    from advews.engine.trainer import resolve_device
+    from advews.evaluation.robust import robust_accuracy
+    from advews.models import build_model
+
+    if args.output and os.path.exists(args.output) and not args.force:
+        raise AdvewsError(f"{args.output} exists; choose another --output or pass --force")
+    if args.n_examples is not None and args.n_examples < 1:
+        raise AdvewsError(f"--n-examples must be >= 1, got {args.n_examples}")
+    if args.batch_size < 1:
+        raise AdvewsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint, map_location=device)
+    if "model_spec" not in state:
+        raise AdvewsError(f"{args.checkpoint} is not an advews checkpoint (no model_spec)")
+    attack, params = make_attack(args, state.get("threat_model") or {})
+    model = build_model(state["model_spec"]).to(device)
+    model.load_state_dict(state["model"])
+    data = load_eval_data(args.data, state.get("data_spec", {}))
+    if args.n_examples is not None:
+        data = data.subset(torch.arange(min(args.n_examples, len(data))))
+    torch.manual_seed(args.seed)
+    start = time.time()
+    res = robust_accuracy(model, data, attack, args.batch_size, device)
+    result = {
+        "checkpoint": args.checkpoint,
+        "epoch": state.get("epoch"),
+        "attack": args.attack,
+        **params,
+        "clean_acc": res["clean_acc"],
+        "robust_acc": res.get("robust_acc"),
+        "n_examples": res["n_examples"],
+        "seconds": round(time.time() - start, 2),
+    }
+    print(f"{'checkpoint':<12}{args.checkpoint} (epoch {state.get('epoch')})")
+    print(f"{'examples':<12}{result['n_examples']}")
+    print(f"{'attack':<12}{args.attack} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                for k, v in params.items()))
+    print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
+    if result["robust_acc"] is not None:
+        print(f"{'robust acc':<12}{100 * result['robust_acc']:.2f}%")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_cli("advews-eval", lambda: _main(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Madry et al. adversarial training: cross-entropy on PGD examples crafted against the current net."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from advews.attacks import PGD
+from advews.defenses.base import Batch, Defense, DefenseOutput, View
+from advews.defenses.registry import register_defense
+
+
+@register_defense
+class AT(Defense):
+    adversarial = True
+
+    def __init__(
+        self,
+        eps: float = 8 / 255,
+        step_size: float = 2 / 255,
+        steps: int = 10,
+        norm: str = "Linf",
+        random_start: bool = True,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__(label_smoothing=label_smoothing)
+        self.attack = PGD(eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start)
+
+    def prepare(self, model: nn.Module, x, y) -> Batch:
+        return Batch(x, y, x_adv=self.attack.scaled(self.eps_scale)(model, x, y))
+
+    def loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+        logits = model(batch.x_adv)
+        return DefenseOutput(
+            loss=self.cross_entropy(logits, batch.y),
+            views=[View(batch.x_adv, logits)],
+            search_x=batch.x_adv,
+            search_y=batch.y,
+            logits=logits,
+        )

@@ -1,0 +1,104 @@
+"""The Defense contract: the seam every training objective, and the EWS mixin, plugs into.
+
+One training step of the single training loop is
+
+    batch = defense.prepare(model, x, y)        # e.g. craft adversarial examples (weights untouched)
+    defense.begin_step(model, batch)            # e.g. AWP perturbs the weights
+    out = defense.training_loss(model, batch)   # the objective (+ the EWS term when mixed in)
+    out.loss.backward(); optimizer.step()
+    defense.end_step(model)                     # e.g. AWP restores the weights
+
+A defense implements ``loss``: it returns the loss and says which views (input, full-net logits,
+weight) a subnet should be distilled on and which view a weak-subnet search should score subnets
+on. Mixins (EWS, AWP) wrap ``training_loss``/``begin_step``/``end_step`` and never need to know
+which defense they wrap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+@dataclass
+class View:
+    """An input the full net was run on, its logits and the weight of distilling a subnet on it."""
+
+    x: torch.Tensor
+    logits: torch.Tensor
+    weight: float = 1.0
+
+
+@dataclass
+class Batch:
+    """What ``prepare`` produced: the clean batch plus anything crafted from it."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_adv: Optional[torch.Tensor] = None
+
+
+@dataclass
+class DefenseOutput:
+    loss: torch.Tensor
+    views: List[View]
+    search_x: torch.Tensor
+    search_y: torch.Tensor
+    logits: torch.Tensor  # the logits training accuracy is reported on (search view's logits)
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Defense:
+    """Base class: subclasses set ``adversarial`` and implement ``loss`` (and ``prepare`` if needed)."""
+
+    adversarial: bool = False
+
+    def __init__(self, label_smoothing: float = 0.0):
+        if not 0.0 <= label_smoothing < 1.0:
+            from advews.errors import AdvewsError
+
+            raise AdvewsError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+        self.eps_scale = 1.0
+        self.epoch = 0
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def setup(self, model: nn.Module) -> None:
+        """Called once with the model before training (mixins build their state here)."""
+
+    def set_progress(self, epoch: int, eps_scale: float) -> None:
+        """The loop reports the epoch and the attack-strength ramp factor before each step."""
+        self.epoch, self.eps_scale = epoch, eps_scale
+
+    def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+    def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        return Batch(x, y)
+
+    def loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+        raise NotImplementedError  # abstract
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+        return self.loss(model, batch)
+
+    def begin_step(self, model: nn.Module, batch: Batch) -> None:
+        """Before the training forward (weights may be changed here and put back in ``end_step``)."""
+
+    def end_step(self, model: nn.Module) -> None:
+        """After the optimizer step."""
+
+    def state_dict(self) -> dict:
+        """Learned state that must survive a resume (e.g. the EWS controller)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{self.name} has no state to load, got keys {sorted(state)}")
