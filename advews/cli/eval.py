@@ -33,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "npz:FILE for arrays x (N x H x W x C uint8) and y (N ints)")
     p.add_argument("--seed", type=int, default=0, help="seed for the attack's random start")
     p.add_argument("--device", default="auto")
+    p.add_argument("--analysis", choices=("subnets",), help="subnets: accuracy of the full net and of "
+                   "subnets from each search strategy (adversarial examples computed against the full net)")
+    p.add_argument("--rho", type=float, default=0.7, help="subnet width for --analysis subnets (default 0.7)")
+    p.add_argument("--n-subnets", type=int, default=50, help="subnets drawn per strategy (default 50)")
+    p.add_argument("--search", default="random,controller,l1", help="comma-separated strategies to analyse")
+    p.add_argument("--search-updates", type=int, default=300,
+                   help="controller updates against the frozen model before sampling (default 300)")
+    p.add_argument("--search-lr", type=float, default=3e-3, help="controller learning rate for the analysis")
+    p.add_argument("--search-bn", choices=("eval", "train"), default="eval",
+                   help="BN mode of the controller's reward during the analysis search (default eval)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON (refuses to overwrite)")
     p.add_argument("--force", action="store_true", help="allow --output to overwrite an existing file")
     return p
@@ -107,6 +117,11 @@ def _main(args: argparse.Namespace) -> int:
         data = data.subset(torch.arange(min(args.n_examples, len(data))))
     torch.manual_seed(args.seed)
     start = time.time()
+    if args.analysis == "subnets":
+        result = run_subnet_analysis(args, model, data, attack, params, state, device)
+        result["seconds"] = round(time.time() - start, 2)
+        write_json(args, result)
+        return 0
     res = robust_accuracy(model, data, attack, args.batch_size, device)
     result = {
         "checkpoint": args.checkpoint,
@@ -125,11 +140,54 @@ def _main(args: argparse.Namespace) -> int:
     print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
     if result["robust_acc"] is not None:
         print(f"{'robust acc':<12}{100 * result['robust_acc']:.2f}%")
+    write_json(args, result)
+    return 0
+
+
+def write_json(args: argparse.Namespace, result: Dict[str, Any]) -> None:
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
-    return 0
+
+
+def run_subnet_analysis(args, model, test, attack, params, state, device) -> Dict[str, Any]:
+    from advews.data import load_data
+    from advews.evaluation.subnet_analysis import STRATEGIES, analyze_subnets
+
+    strategies = [s for s in args.search.split(",") if s]
+    bad = [s for s in strategies if s not in STRATEGIES]
+    if bad or not strategies:
+        raise AdvewsError(f"bad --search {args.search!r}; use a comma-separated list of {', '.join(STRATEGIES)}")
+    if not 0 < args.rho <= 1:
+        raise AdvewsError(f"--rho must be in (0, 1], got {args.rho}")
+    if args.n_subnets < 1:
+        raise AdvewsError(f"--n-subnets must be >= 1, got {args.n_subnets}")
+    if args.search_updates < 0:
+        raise AdvewsError(f"--search-updates must be >= 0, got {args.search_updates}")
+    bundle_spec = {k: v for k, v in state.get("data_spec", {}).items() if k != "train_limit"}
+    search_data = load_data(**bundle_spec).val if bundle_spec else None
+    if search_data is None:
+        raise AdvewsError("--analysis subnets needs the checkpoint's validation split to train the search on")
+
+    def tensors(ds):
+        xs, ys = zip(*ds.batches(1024, device=device))
+        return torch.cat(xs), torch.cat(ys)
+
+    result = analyze_subnets(
+        model, tensors(search_data), tensors(test), attack, args.rho, n_subnets=args.n_subnets,
+        strategies=strategies, search_updates=args.search_updates, search_lr=args.search_lr,
+        search_bn=args.search_bn, batch_size=args.batch_size, seed=args.seed,
+    )
+    result = {"checkpoint": args.checkpoint, "epoch": state.get("epoch"), "attack": args.attack, **params, **result}
+    print(f"subnet analysis of {args.checkpoint} (epoch {state.get('epoch')}), rho {args.rho}, "
+          f"{result['n_examples']} test examples, BN eval mode")
+    print(f"{'':<12}{'clean mean':>11}{'robust mean':>12}{'p10':>8}{'median':>8}{'p90':>8}")
+    for name in ["full"] + strategies:
+        c, r = result[name]["clean"], result[name]["robust"]
+        print(f"{name:<12}{100 * c['mean']:>10.2f}%{100 * r['mean']:>11.2f}%"
+              f"{100 * r['p10']:>7.1f}%{100 * r['median']:>7.1f}%{100 * r['p90']:>7.1f}%")
+    return result
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -10,3 +10,7 @@ __all__ = [
     "AT", "Batch", "DEFENSES", "Defense", "DefenseOutput", "Standard", "TRADES", "View",
     "build_defense", "get_defense", "register_defense", "register_deriver", "trades_kl",
 ]
+
+from advews.defenses.ews import EWSMixin, distillation_kl  # noqa: E402  (registers the _EWS deriver last)
+
+__all__ += ["EWSMixin", "distillation_kl"]

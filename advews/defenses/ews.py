@@ -1,0 +1,141 @@
+"""Enhancing Weak Subnets (EWS, Guo et al., ECCV 2022) as a mixin on any defense.
+
+Each iteration the full net's loss gets ``lam * sum_v w_v * KL(p_full(v).detach() || p_subnet(v))``
+over the defense's views v (KL summed over classes, averaged over the batch), where the subnet is
+drawn from a weak-subnet search; every ``interval`` iterations the search is updated on the
+defense's search view (clean accuracy for clean defenses, robust accuracy on the adversarial batch
+for adversarial ones). The registry derives ``X_EWS = (EWSMixin, X)`` for every registered defense.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+import gin
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from advews.defenses.base import Batch, Defense, DefenseOutput
+from advews.defenses.registry import register_deriver
+from advews.errors import AdvewsError
+from advews.subnets import Subnet, build_search, space_of, subnet
+
+BN_MODES = ("eval", "train")
+
+
+def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_teacher || p_student): summed over classes, averaged over the batch (not batch*classes)."""
+    return F.kl_div(
+        F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
+        reduction="sum", log_target=True,
+    ) / teacher_logits.shape[0]
+
+
+@gin.configurable("EWS", module="advews")
+class EWSMixin:
+    """Mix in before a defense: ``class TRADES_EWS(EWSMixin, TRADES)``.
+
+    Defaults follow the paper: clean/corruption defenses lam 1, rho 0.7, entropy 0.005; adversarial
+    defenses lam 0.1, rho 0.9, entropy 0.01 (the authors' AT/TRADES code); K = ``interval`` = 10.
+    ``search_bn``: BN mode in which candidate subnets are scored for the search reward; ``eval``
+    (running statistics, as a deployed net runs) finds far weaker subnets than ``train``.
+    """
+
+    def __init__(
+        self,
+        *args,
+        lam: Optional[float] = None,
+        rho: Optional[float] = None,
+        interval: int = 10,
+        search: str = "controller",
+        num_samples: int = 1,
+        controller_lr: float = 3e-4,
+        entropy_weight: Optional[float] = None,
+        search_bn: str = "eval",
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        adversarial = self.adversarial
+        self.lam = (0.1 if adversarial else 1.0) if lam is None else lam
+        self.rho = (0.9 if adversarial else 0.7) if rho is None else rho
+        self.entropy_weight = (0.01 if adversarial else 0.005) if entropy_weight is None else entropy_weight
+        if self.lam < 0:
+            raise AdvewsError(f"EWS.lam must be >= 0, got {self.lam}")
+        if not 0 < self.rho <= 1:
+            raise AdvewsError(f"EWS.rho must be in (0, 1], got {self.rho}")
+        if interval < 1:
+            raise AdvewsError(f"EWS.interval must be >= 1, got {interval}")
+        if num_samples < 1:
+            raise AdvewsError(f"EWS.num_samples must be >= 1, got {num_samples}")
+        if search_bn not in BN_MODES:
+            raise AdvewsError(f"EWS.search_bn must be one of {', '.join(BN_MODES)}, got {search_bn!r}")
+        self.interval, self.search_name, self.num_samples = interval, search, num_samples
+        self.controller_lr, self.search_bn = controller_lr, search_bn
+        self.iteration = 0
+        self.space = None
+        self.search = None
+
+    def setup(self, model: nn.Module) -> None:
+        super().setup(model)
+        self.space = space_of(model)
+        options = {"num_samples": self.num_samples} if self.search_name in ("controller", "random") else {}
+        if self.search_name == "controller":
+            options.update(lr=self.controller_lr, entropy_weight=self.entropy_weight)
+        self.search = build_search(self.search_name, self.space, self.rho, **options)
+
+    def score_subnets(self, model: nn.Module, subnets: List[Subnet], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Accuracy of each subnet on (x, y), BN in ``search_bn`` mode; no gradients, no state change."""
+        modes = [(m, m.training) for m in model.modules()]
+        model.train(self.search_bn == "train")
+        try:
+            with torch.no_grad():
+                accs = []
+                for alpha in subnets:
+                    with subnet(model, alpha, self.space):
+                        accs.append((model(x).argmax(1) == y).float().mean())
+                return torch.stack(accs)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+        if self.search is None:
+            raise RuntimeError(f"{self.name}.setup(model) must be called before training")
+        out = super().training_loss(model, batch)
+        metrics = {}
+        if self.iteration % self.interval == 0:
+            x, y = out.search_x.detach(), out.search_y
+            stats = self.search.update(lambda subnets: self.score_subnets(model, subnets, x, y))
+            metrics.update({f"search_{k}": torch.tensor(float(v)) for k, v in stats.items()})
+        self.iteration += 1
+        if self.lam > 0:
+            alpha = self.search.sample()
+            kl = out.loss.new_zeros(())
+            with subnet(model, alpha, self.space):
+                for view in out.views:
+                    student = model(view.x)
+                    kl = kl + view.weight * distillation_kl(view.logits.detach(), student)
+                    if view.x is out.search_x:
+                        metrics["ews_subnet_acc"] = (student.detach().argmax(1) == out.search_y).float().mean()
+            out.loss = out.loss + self.lam * kl
+            metrics["ews_kl"] = kl.detach()
+        out.metrics = {**out.metrics, **metrics}
+        return out
+
+    def state_dict(self) -> dict:
+        return {"base": super().state_dict(), "iteration": self.iteration, "search": self.search.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state["base"])
+        self.iteration = state["iteration"]
+        self.search.load_state_dict(state["search"])
+
+
+def _derive_ews(cls: type) -> Optional[type]:
+    if issubclass(cls, EWSMixin):
+        return None
+    return type(f"{cls.__name__}_EWS", (EWSMixin, cls), {"__doc__": f"{cls.__name__} with EWS.", "__module__": cls.__module__})
+
+
+register_deriver(_derive_ews)

@@ -1,0 +1,231 @@
+"""The LSTM policy (exact Plackett-Luce log-prob, entropy) and the weak-subnet search strategies."""
+
+import io
+import itertools
+import math
+
+import pytest
+import torch
+
+from advews.errors import AdvewsError
+from advews.models import build_model
+from advews.subnets import (
+    Controller, ControllerSearch, L1Search, RandomSearch, Subnet, build_search, keep_count, space_of, subnet,
+)
+from advews.subnets.plackett_luce import log_prob_and_entropy
+
+# block 0: 3 paths (k=2) with 3, 2 and no channels; block 1: 2 paths (k=1); block 2: one path
+# (certain) whose 1-channel layer is certain too.
+TINY = (((3,), (2,), ()), ((4,), ()), ((1, 2),))
+RHO = 0.5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: on 2 cores shared with other jobs, 2 spinning OpenMP threads run ~30x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _draws(n):
+    k = keep_count(n, RHO)
+    return [tuple(range(n))] if k == n else list(itertools.permutations(range(n), k))
+
+
+def _all_ordered_outcomes(shape):
+    """Every ordered draw the controller can make (certain decisions in index order)."""
+    per_block = []
+    for block in shape:
+        options = []
+        for kept in _draws(len(block)):
+            layer_draws = [_draws(c) for p in kept for c in block[p]]
+            for combo in itertools.product(*layer_draws):
+                it = iter(combo)
+                options.append((kept, tuple(tuple(next(it) for _ in block[p]) for p in kept)))
+        per_block.append(options)
+    return [Subnet(tuple(b[0] for b in combo), tuple(b[1] for b in combo)) for combo in itertools.product(*per_block)]
+
+
+def _peaked_controller(shape, scale=8.0):
+    """A controller with far-from-uniform decisions, so the checks below are not trivially met."""
+    torch.manual_seed(0)
+    ctrl = Controller(shape, RHO, hidden=16)
+    with torch.no_grad():
+        for p in ctrl.parameters():
+            p.mul_(scale)
+    return ctrl
+
+
+def test_ordered_draw_probabilities_sum_to_one_and_entropy_is_exact():
+    ctrl = _peaked_controller(TINY)
+    outcomes = _all_ordered_outcomes(TINY)
+    assert len(outcomes) == 40 * 13 * 2
+    with torch.no_grad():
+        log_prob, ent = ctrl.evaluate(outcomes)
+    p = log_prob.double().exp()
+    assert abs(p.sum().item() - 1) < 1e-5
+    exact_entropy = -(p * log_prob.double()).sum()
+    # chain rule: the per-draw estimate averages to the exact entropy of the ordered draw
+    assert abs((p * ent.double()).sum() - exact_entropy).item() < 1e-4
+    assert p.max() > 20 / len(outcomes)  # far from uniform
+
+
+def test_sampled_frequencies_and_entropy_match():
+    shape = TINY[:1]
+    ctrl = _peaked_controller(shape, scale=4.0)
+    outcomes = _all_ordered_outcomes(shape)
+    n = 20000
+    with torch.no_grad():
+        probs = dict(zip(outcomes, ctrl.log_prob(outcomes).double().exp().tolist()))
+        samples = ctrl.sample(n, torch.Generator().manual_seed(0))
+        assert torch.allclose(ctrl.log_prob(samples.subnets[:50]), samples.log_prob[:50])
+    counts = {o: 0 for o in outcomes}
+    for s in samples.subnets:
+        counts[s] += 1  # a sample outside the enumeration would raise KeyError
+    z = [abs(counts[o] / n - q) / math.sqrt(q * (1 - q) / n) for o, q in probs.items()]
+    assert max(z) < 5
+    exact_entropy = -sum(q * math.log(q) for q in probs.values())
+    ent = samples.entropy.double()
+    assert abs(ent.mean().item() - exact_entropy) < 5 * ent.std().item() / math.sqrt(n) + 1e-6
+
+
+def test_plackett_luce_matches_sequential_softmax_and_is_stable():
+    logits = torch.tensor([[0.3, -1.2, 2.0, 0.0, 0.7]], requires_grad=True)
+    draw = torch.tensor([[2, 0, 4]])
+    log_prob, ent = log_prob_and_entropy(logits, draw)
+    remaining, want_lp, want_ent = list(range(5)), 0.0, 0.0
+    for a in draw[0].tolist():
+        lsm = torch.log_softmax(logits[0, remaining], 0)
+        want_lp = want_lp + lsm[remaining.index(a)]
+        want_ent = want_ent - (lsm.exp() * lsm).sum()
+        remaining.remove(a)
+    assert torch.allclose(log_prob, want_lp.reshape(1)) and torch.allclose(ent, want_ent.reshape(1))
+    # the naive sum of per-item log-softmaxes is a different (wrong) number
+    assert not torch.allclose(log_prob, torch.log_softmax(logits, 1)[0, draw[0]].sum().reshape(1))
+    big = torch.tensor([[3e4, -3e4, 0.0, 1e4, -1e4, 5.0]], requires_grad=True)
+    lp, h = log_prob_and_entropy(big, torch.tensor([[4, 1, 0]]))
+    (lp + h).sum().backward()
+    assert torch.isfinite(lp).all() and torch.isfinite(h).all() and torch.isfinite(big.grad).all()
+
+
+@pytest.fixture(scope="module")
+def space():
+    torch.manual_seed(0)
+    model = build_model({"arch": "small_preact_resnet", "num_classes": 10, "in_channels": 1,
+                         "options": {"widths": [16, 16, 16]}})
+    return space_of(model)
+
+
+def test_ema_baseline_follows_raw_reward(space):
+    search = ControllerSearch(space, RHO)
+    accs = [0.3, 0.8, 0.1, 0.5, 0.9, 0.2]
+    baseline = None
+    for acc in accs:
+        m = search.update(lambda subs, a=acc: torch.full((len(subs),), a))
+        r = -acc
+        assert m["advantage_mean"] == pytest.approx(0.0 if baseline is None else r - baseline, abs=1e-6)
+        baseline = r if baseline is None else 0.99 * baseline + 0.01 * r
+        assert m["baseline"] == pytest.approx(baseline, abs=1e-6)
+        assert m["reward_mean"] == pytest.approx(r)
+
+
+def test_leave_one_out_advantage(space):
+    search = ControllerSearch(space, RHO, num_samples=3, leave_one_out=True)
+    adv = search.advantage(torch.tensor([-0.2, -0.5, -0.8]))
+    assert torch.allclose(adv, torch.tensor([-0.2 + 0.65, -0.5 + 0.5, -0.8 + 0.35]))
+    assert search.baseline == pytest.approx(-0.5)  # the EMA is still tracked, for logging
+    with pytest.raises(AdvewsError):
+        ControllerSearch(space, RHO, num_samples=1, leave_one_out=True)
+
+
+STRONG = {0, 1, 2, 3}
+
+
+def planted_accuracy(subnets):
+    """Per block: 1 when the residual branch is dropped, else the fraction of strong channels kept."""
+    return torch.tensor([
+        sum(len(STRONG & set(c[0][0])) / len(STRONG) if 0 in kept else 1.0 for kept, c in zip(s.paths, s.channels))
+        / len(s.paths)
+        for s in subnets
+    ])
+
+
+@pytest.mark.parametrize("options", [dict(num_samples=1), dict(num_samples=4, leave_one_out=True)])
+def test_controller_learns_planted_weak_subnets(space, options):
+    # lr 3e-3 instead of the paper's 3e-4: fast enough to learn within a unit test
+    search = ControllerSearch(space, RHO, lr=3e-3, seed=1, **options)
+    random_acc = 0.5 * 1.0 + 0.5 * 0.5  # residual kept half the time; then 8 of 16 channels kept
+    for _ in range(300 if options["num_samples"] == 1 else 100):
+        search.update(planted_accuracy)
+    acc = planted_accuracy([search.sample() for _ in range(200)]).mean().item()
+    assert acc < random_acc - 0.3, acc
+
+
+def test_state_dict_round_trip_resumes_exactly(space):
+    a = ControllerSearch(space, RHO, num_samples=2, lr=3e-3, seed=3)
+    for _ in range(5):
+        a.update(planted_accuracy)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = ControllerSearch(space, RHO, num_samples=2, lr=3e-3, seed=99)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    rng = torch.get_rng_state()
+    assert [a.sample() for _ in range(3)] == [b.sample() for _ in range(3)]
+    assert a.update(planted_accuracy) == b.update(planted_accuracy)
+    assert all(torch.equal(p, q) for p, q in zip(a.controller.parameters(), b.controller.parameters()))
+    assert a.sample() == b.sample() and b.updates == 6
+    assert torch.equal(torch.get_rng_state(), rng)  # sampling and updates leave the global RNG alone
+
+
+def test_controller_subnets_fit_and_run_the_model():
+    torch.manual_seed(0)
+    model = build_model({"arch": "small_preact_resnet", "num_classes": 10, "in_channels": 1})
+    search = build_search("controller", space_of(model), 0.7)
+    alpha = search.sample()
+    assert alpha == alpha.canonical() and [len(p) for p in alpha.paths] == [2, 2, 2]
+    assert [len(c[0][0]) for c in alpha.channels] == [12, 23, 45]
+    with subnet(model, alpha):
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_random_search(space):
+    s = RandomSearch(space, RHO, num_samples=3, seed=5)
+    state = s.state_dict()
+    subs = [s.sample() for _ in range(4)]
+    assert len(set(subs)) > 1 and all(x == x.canonical() for x in subs)
+    assert all(len(c[0][0]) == 8 for x in subs for kept, c in zip(x.paths, x.channels) if 0 in kept)
+    seen = []
+    m = s.update(lambda batch: seen.extend(batch) or planted_accuracy(batch))
+    assert len(seen) == 3 and m["subnet_acc"] == pytest.approx(planted_accuracy(seen).mean().item())
+    s.load_state_dict(state)
+    assert [s.sample() for _ in range(4)] == subs
+
+
+def test_l1_search_keeps_smallest_norm_channels_and_paths():
+    torch.manual_seed(0)
+    model = build_model({"arch": "small_preact_resnet", "num_classes": 10, "in_channels": 1})
+    space = space_of(model)
+    with torch.no_grad():
+        for block in space.blocks:
+            w = block.paths[0].layers[0].module.weight  # residual conv2: input channel i has L1 ~ (c - i)
+            c = w.shape[1]
+            w.copy_(torch.arange(c, 0, -1, dtype=w.dtype).view(1, c, 1, 1).expand_as(w) * 1e-4)
+        space.blocks[1].paths[1].output_module[0].weight.fill_(1.0)   # strong 1x1 shortcut: dropped
+        space.blocks[2].paths[1].output_module[0].weight.fill_(1e-6)  # weak 1x1 shortcut: kept
+    alpha = L1Search(space, RHO).sample()
+    # block 0: identity shortcut (gain 1) is stronger than the residual (gain 0.12): residual kept
+    assert alpha.paths == ((0,), (0,), (1,))
+    assert alpha.channels[0] == ((tuple(range(8, 16)),),) and alpha.channels[1] == ((tuple(range(16, 32)),),)
+    assert L1Search(space, RHO).sample() == alpha
+    assert L1Search(space, RHO).update(planted_accuracy)["subnet_acc"] == pytest.approx(
+        planted_accuracy([alpha]).item())
+
+
+def test_build_search_names(space):
+    assert isinstance(build_search("random", space, RHO, seed=1), RandomSearch)
+    assert isinstance(build_search("l1", space, RHO), L1Search)
+    with pytest.raises(AdvewsError, match="controller, random, l1"):
+        build_search("evolution", space, RHO)
