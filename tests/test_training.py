@@ -78,3 +78,36 @@ def test_resume_continues_bit_exactly(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     straight = [json.loads(line) for line in open(tmp_path / "straight" / "metrics.jsonl")]
     assert rows[1]["train_loss"] == straight[1]["train_loss"]
+
+
+def _assert_same(a, b, where="state"):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_ews_resume_restores_controller_exactly(tmp_path):
+    small = ["train.defense = 'AT_EWS'", "AT.steps = 2", "train.val_steps = 2", "data.train_limit = 384",
+             "data.val_size = 128", "EWS.interval = 2", "EWS.rho = 0.7", "EWS.num_samples = 2"]
+    run(tmp_path / "straight", "train.epochs = 2", *small)
+    run(tmp_path / "split", "train.epochs = 1", *small)
+    first = load_checkpoint(tmp_path / "split" / "last.pt")["defense_state"]
+    assert first["search"]["updates"] == 3  # 6 steps per epoch, K = 2
+    run(tmp_path / "split", "train.epochs = 2", *small, resume=True)
+    sa = load_checkpoint(tmp_path / "straight" / "last.pt")
+    sb = load_checkpoint(tmp_path / "split" / "last.pt")
+    _assert_same(sa["defense_state"], sb["defense_state"], "defense_state")
+    _assert_same(sa["model"], sb["model"], "model")
+    search = sa["defense_state"]["search"]
+    assert search["updates"] == 6 and search["baseline_ready"]
+    rows = [json.loads(line) for line in open(tmp_path / "split" / "metrics.jsonl")]
+    assert "train_ews_kl" in rows[-1] and "train_search_baseline" in rows[-1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from importlib import resources
@@ -44,11 +45,23 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     paths = [resolve_gin(f) for f in files]
     gin.clear_config()
     gin.add_config_file_search_path(recipe_dir())
+    quiet = _SkipGinSearchMisses()
+    logging.getLogger().addFilter(quiet)
     try:
         gin.parse_config_files_and_bindings(paths, list(bindings))
-    except (ValueError, SyntaxError, KeyError, TypeError, IOError) as e:
+    except (ValueError, SyntaxError, KeyError, TypeError, ImportError, IOError) as e:
         where = f" in {', '.join(paths)}" if paths else ""
         raise AdvewsError(f"bad gin config{where}: {' '.join(str(e).split())}") from None
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
+class _SkipGinSearchMisses(logging.Filter):
+    """gin logs an ERROR for every search-path location an ``include`` is not in, even when a later
+    one (the shipped recipes) has it; a missing include still fails with its own message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Path not found")
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:

@@ -34,6 +34,8 @@ def _main(args: argparse.Namespace) -> int:
         gin_files = [os.path.join(args.output, "config.gin")]
     if not gin_files and not args.gin_param:
         raise AdvewsError("no configuration: pass --gin FILE (e.g. --gin quickstart.gin)")
+    if os.getcwd() not in sys.path:  # a gin file's `import my_defense` finds the user's own file
+        sys.path.insert(0, os.getcwd())
     parse_gin(gin_files, args.gin_param)
     output = args.output
     if output is None:
