@@ -12,26 +12,48 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
+from advews.attacks.autoattack import AA_ATTACKS, VERSIONS
+from advews.attacks.zoo import ZOO
 from advews.cli.common import run_cli
 from advews.errors import AdvewsError
 
-ATTACKS = ("pgd", "fgsm", "none")
+NATIVE = ("pgd", "fgsm")
+ATTACKS = NATIVE + tuple(ZOO) + ("autoattack", "none")
+
+ATTACK_HELP = (
+    "comma-separated attacks, each reported alone and all together as the per-point worst case (a point "
+    "is robust only if it survives every attack): pgd, fgsm (advews); cw (Carlini-Wagner L2, projected "
+    "onto the eps-ball), apgd-ce, apgd-dlr, square (steps = queries), fab, mifgsm (torchattacks); "
+    "autoattack (the reference AutoAttack via pyautoattack; torchattacks' own AutoAttack differs from it "
+    "and is not offered); none: clean accuracy only (default pgd)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="advews-eval", description="Evaluate a checkpoint's clean and robust accuracy.")
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.pt or last.pt of advews-train")
-    p.add_argument("--attack", default="pgd", help=f"one of {', '.join(ATTACKS)} (default pgd)")
+    p.add_argument("--attack", default="pgd", help=ATTACK_HELP)
     p.add_argument("--eps", type=float, help="perturbation budget (default: the one the checkpoint was trained with)")
-    p.add_argument("--steps", type=int, default=20, help="attack iterations (default 20)")
-    p.add_argument("--step-size", type=float, help="attack step size (default 2.5 * eps / steps)")
+    p.add_argument("--steps", type=int, help="attack iterations (default 20 for pgd, else each attack's own: "
+                   "cw 50, apgd 100, fab 100, square 5000 queries, mifgsm 10)")
+    p.add_argument("--step-size", type=float, help="attack step size (default pgd 2.5 * eps / steps, mifgsm eps / steps)")
     p.add_argument("--norm", choices=("Linf", "L2"), help="threat model norm (default: the training one)")
-    p.add_argument("--restarts", type=int, default=1, help="PGD random restarts (default 1)")
+    p.add_argument("--restarts", type=int, default=1, help="random restarts of pgd, apgd-*, square, fab (default 1)")
     p.add_argument("--n-examples", type=int, help="evaluate the first N examples only")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--data", metavar="SPEC", help="test data: default the checkpoint dataset's test split; "
                    "npz:FILE for arrays x (N x H x W x C uint8) and y (N ints)")
-    p.add_argument("--seed", type=int, default=0, help="seed for the attack's random start")
+    p.add_argument("--seed", type=int, default=0, help="seed of the attacks' randomness; every attack starts "
+                   "from it, so its numbers do not depend on the other attacks run (default 0)")
+    p.add_argument("--version", choices=VERSIONS, default="standard",
+                   help="AutoAttack version (default standard: apgd-ce, apgd-t, fab-t, square)")
+    p.add_argument("--aa-attacks", metavar="LIST", help="AutoAttack cascade for --version custom, "
+                   f"comma-separated from {', '.join(AA_ATTACKS)}")
+    p.add_argument("--state", metavar="FILE", help="AutoAttack resume file: rewritten after every cascade "
+                   "stage; rerunning with it skips the stages done (refused for another eps, norm, "
+                   "version, seed, data or model)")
+    p.add_argument("--hdf5", metavar="FILE", help="write per-example correctness (clean, per attack, per "
+                   "AutoAttack stage, worst case) and labels to an HDF5 file (refuses to overwrite)")
     p.add_argument("--device", default="auto")
     p.add_argument("--analysis", choices=("subnets",), help="subnets: accuracy of the full net and of "
                    "subnets from each search strategy (adversarial examples computed against the full net)")
@@ -44,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-bn", choices=("eval", "train"), default="eval",
                    help="BN mode of the controller's reward during the analysis search (default eval)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON (refuses to overwrite)")
-    p.add_argument("--force", action="store_true", help="allow --output to overwrite an existing file")
+    p.add_argument("--force", action="store_true", help="allow --output and --hdf5 to overwrite existing files")
     return p
 
 

@@ -1,15 +1,19 @@
-"""Datasets as in-memory uint8 arrays plus what a run needs to know about them (``load_data``)."""
+"""Datasets (in-memory uint8 arrays, image folders, extra pseudo-labeled data) plus what a run
+needs to know about them (``load_data``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import gin
 
 from advews.data.arrays import ArrayDataset, Augment, split_validation
 from advews.data.augment import RandomCropFlip
-from advews.data.registry import DATASETS, DatasetSpec, get_dataset, register_dataset
+from advews.data.folder import FolderDataset
+from advews.data.registry import DATASETS, DatasetSpec, Split, get_dataset, register_dataset
+from advews.data.unlabeled import MixedDataset, load_extra
 from advews.errors import AdvewsError
 
 __all__ = [
@@ -18,8 +22,12 @@ __all__ = [
     "DATASETS",
     "DataBundle",
     "DatasetSpec",
+    "FolderDataset",
+    "MixedDataset",
     "RandomCropFlip",
+    "Split",
     "load_data",
+    "load_extra",
     "register_dataset",
     "split_validation",
 ]
@@ -31,9 +39,9 @@ class DataBundle:
     ``mean``/``std`` themselves (``models.normalize.Normalized``) so attacks work in pixel space."""
 
     name: str
-    train: ArrayDataset
-    val: Optional[ArrayDataset]
-    test: ArrayDataset
+    train: Union[Split, MixedDataset]
+    val: Optional[Split]
+    test: Split
     num_classes: int
     in_channels: int
     image_size: int
@@ -53,18 +61,46 @@ def load_data(
     normalize: bool = True,
     train_limit: Optional[int] = None,
     test_limit: Optional[int] = None,
+    extra_data: Optional[str] = None,
+    extra_fraction: float = 0.5,
+    allow_pickle: bool = False,
+    image_size: Optional[int] = None,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataBundle:
     """Load ``dataset`` and carve out the validation split (``val_size`` None: the dataset's default).
 
     ``train_limit``/``test_limit`` keep the first N examples, after the validation split, for
     tests and quick runs. ``normalize`` False reports mean 0 / std 1 (the model sees raw pixels).
+
+    ``extra_data``: a file of pseudo-labeled images (see ``unlabeled.load_extra``; a pickle only
+    with ``allow_pickle``) mixed into every training batch at ``extra_fraction``; the validation
+    split and ``train_limit`` apply to the labeled data alone, before mixing.
+
+    ``image_size``, ``num_workers`` and ``pin_memory`` configure folder datasets (imagenet: crop
+    size, default 224, and its DataLoader); in-memory datasets ignore the latter two and accept only
+    their native ``image_size``. A folder dataset's held-out validation split uses evaluation
+    transforms; ``augment`` False gives its training split those too.
     """
     spec = get_dataset(dataset)
     train, test = spec.load(str(root), download)
     train, val = split_validation(train, spec.val_size if val_size is None else val_size, split_seed)
     train = _limit(train, train_limit, "train_limit")
     test = _limit(test, test_limit, "test_limit")
-    channels = train.images.shape[1]
+    if isinstance(train, FolderDataset):
+        crop = train.image_size if image_size is None else image_size
+        loading = dict(image_size=crop, num_workers=num_workers, pin_memory=pin_memory)
+        train = dataclasses.replace(train, augment=augment, **loading)
+        val = None if val is None else dataclasses.replace(val, augment=False, **loading)
+        test = dataclasses.replace(test, augment=False, **loading)
+    elif image_size not in (None, train.image_shape[-1]):
+        raise AdvewsError(
+            f"data.image_size {image_size} cannot resize {dataset} (images are {train.image_shape[-1]} px); "
+            "only folder datasets such as imagenet take another size"
+        )
+    channels, size = train.image_shape[0], train.image_shape[-1]
+    if extra_data is not None:
+        train = _mix(train, dataset, extra_data, extra_fraction, allow_pickle, spec.num_classes)
     return DataBundle(
         name=dataset,
         train=train,
@@ -72,14 +108,23 @@ def load_data(
         test=test,
         num_classes=spec.num_classes,
         in_channels=channels,
-        image_size=train.images.shape[-1],
+        image_size=size,
         mean=spec.mean if normalize else (0.0,) * channels,
         std=spec.std if normalize else (1.0,) * channels,
         train_augment=spec.augment if augment else None,
     )
 
 
-def _limit(dataset: ArrayDataset, limit: Optional[int], what: str) -> ArrayDataset:
+def _mix(train: Split, dataset: str, path: str, fraction: float, allow_pickle: bool, num_classes: int) -> MixedDataset:
+    if not isinstance(train, ArrayDataset):
+        raise AdvewsError(f"data.extra_data needs an in-memory dataset such as cifar10, not the folder {dataset}")
+    if not 0.0 <= fraction < 1.0:  # checked before a possibly long load
+        raise AdvewsError(f"data.extra_fraction must be in [0, 1), got {fraction}")
+    extra = load_extra(path, allow_pickle, image_shape=train.image_shape, num_classes=num_classes)
+    return MixedDataset(train, extra, fraction)
+
+
+def _limit(dataset: Split, limit: Optional[int], what: str) -> Split:
     if limit is None:
         return dataset
     if limit < 1:

@@ -34,6 +34,11 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        """(C, H, W) of every image."""
+        return tuple(self.images.shape[1:])
+
     def subset(self, indices: Union[Tensor, Sequence[int]]) -> ArrayDataset:
         """A copy holding only ``indices``, in that order."""
         index = torch.as_tensor(indices, dtype=torch.long)
@@ -41,10 +46,7 @@ class ArrayDataset:
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         """How many batches one pass of ``batches`` yields."""
-        if batch_size < 1:
-            raise AdvewsError(f"batch_size must be at least 1, got {batch_size}")
-        full, rest = divmod(len(self), batch_size)
-        return full + (1 if rest and not drop_last else 0)
+        return count_batches(len(self), batch_size, drop_last)
 
     def batches(
         self,
@@ -67,14 +69,32 @@ class ArrayDataset:
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         for b in range(count):
             index = order[b * batch_size : (b + 1) * batch_size]
-            x, y = self.images[index], self.labels[index]
-            if device is not None:
-                x = x.to(device, non_blocking=True)
-                y = y.to(device, non_blocking=True)
-            x = x.float().div_(255)
-            if augment is not None:
-                x = augment(x, generator)
-            yield x, y
+            yield to_batch(self.images[index], self.labels[index], generator, augment, device)
+
+
+def count_batches(n: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one pass over ``n`` examples: the last partial one counts unless ``drop_last``."""
+    if batch_size < 1:
+        raise AdvewsError(f"batch_size must be at least 1, got {batch_size}")
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest and not drop_last else 0)
+
+
+def to_batch(
+    images: Tensor,
+    labels: Tensor,
+    generator: Optional[torch.Generator],
+    augment: Optional[Augment],
+    device: Optional[Union[str, torch.device]],
+) -> Tuple[Tensor, Tensor]:
+    """uint8 images to float [0, 1] on ``device`` (moved as uint8, a quarter of the bytes), augmented."""
+    if device is not None:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+    x = images.float().div_(255)
+    if augment is not None:
+        x = augment(x, generator)
+    return x, labels
 
 
 def split_validation(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 from advews.data.arrays import ArrayDataset, Augment
 from advews.data.augment import RandomCropFlip
@@ -15,16 +15,23 @@ from advews.data.cifar import (
     load_cifar10,
     load_cifar100,
 )
+from advews.data.folder import FolderDataset
+from advews.data.imagenet import IMAGENET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, load_imagenet
 from advews.data.mnist5k import load_mnist5k
 from advews.errors import AdvewsError
 
-Loader = Callable[[str, bool], Tuple[ArrayDataset, ArrayDataset]]
+Split = Union[ArrayDataset, FolderDataset]
+Loader = Callable[[str, bool], Tuple[Split, Split]]
 """(root, download) -> (train, test), each holding the full split."""
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """What ``load_data`` needs besides the pixels: sizes, statistics and defaults."""
+    """What ``load_data`` needs besides the pixels: sizes, statistics and defaults.
+
+    ``augment`` is the batch augmentation of in-memory training sets; folder datasets augment each
+    example as they decode it and register None.
+    """
 
     load: Loader
     num_classes: int
@@ -63,4 +70,8 @@ register_dataset(
 register_dataset(
     "cifar100",
     DatasetSpec(load_cifar100, 100, CIFAR100_MEAN, CIFAR100_STD, val_size=1000, augment=RandomCropFlip(4)),
+)
+register_dataset(
+    "imagenet",  # 10000 training images (about 10 a class) held out for model selection; val/ is the test set
+    DatasetSpec(load_imagenet, IMAGENET_CLASSES, IMAGENET_MEAN, IMAGENET_STD, val_size=10000, augment=None),
 )

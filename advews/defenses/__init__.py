@@ -5,13 +5,14 @@ from advews.defenses.registry import DEFENSES, build_defense, get_defense, regis
 from advews.defenses.standard import Standard
 from advews.defenses.at import AT
 from advews.defenses.trades import TRADES, trades_kl
-from advews.defenses.augment import AugMix, AutoAugment, jensen_shannon  # noqa: F401  (registers them)
+from advews.defenses.augment import AugMix, AutoAugment, jensen_shannon
 from advews.defenses.mart import MART
 from advews.defenses.awp import AT_AWP, AWPMixin, TRADES_AWP
 
 __all__ = [
-    "AT", "AT_AWP", "AWPMixin", "Batch", "DEFENSES", "Defense", "DefenseOutput", "MART", "Standard", "TRADES",
+    "AT", "AT_AWP", "AWPMixin", "AugMix", "AutoAugment", "Batch", "DEFENSES", "Defense", "DefenseOutput", "MART", "Standard", "TRADES",
     "TRADES_AWP", "View", "build_defense", "get_defense", "register_defense", "register_deriver", "trades_kl",
+    "jensen_shannon",
 ]
 
 from advews.defenses.ews import EWSMixin, distillation_kl  # noqa: E402  (registers the _EWS deriver last)

@@ -13,6 +13,17 @@ from advews.models.preact_resnet import PreActBlock, PreActResNet, preact_resnet
 from advews.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
 from advews.models.wide_resnet import WideBlock, WideResNet, wrn_28_10, wrn_34_10
 
+
+def tv_resnet50(num_classes: int = 1000, in_channels: int = 3, **options: Any) -> nn.Module:
+    """torchvision's ImageNet ResNet-50 (7x7 stem, max-pool), randomly initialised: no weights are
+    downloaded. ``options`` go to ``torchvision.models.resnet50`` (e.g. ``zero_init_residual``)."""
+    if in_channels != 3:
+        raise AdvewsError(f"tv_resnet50 takes 3 input channels, got in_channels={in_channels}")
+    from torchvision.models import resnet50 as build  # slow import, only for this architecture
+
+    return build(weights=None, num_classes=num_classes, **options)
+
+
 ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
     "preact_resnet18": preact_resnet18,
     "small_preact_resnet": small_preact_resnet,
@@ -21,6 +32,7 @@ ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
     "wrn_28_10": wrn_28_10,
     "wrn_34_10": wrn_34_10,
     "wide_resnet": WideResNet,
+    "tv_resnet50": tv_resnet50,
 }
 
 
@@ -52,5 +64,5 @@ def build_model(spec: Dict[str, Any]) -> Normalized:
 __all__ = [
     "ARCHITECTURES", "BasicBlock", "Bottleneck", "Normalized", "PreActBlock", "PreActResNet", "ResNet",
     "WideBlock", "WideResNet", "build_model", "model_spec", "preact_resnet18", "resnet18", "resnet50",
-    "small_preact_resnet", "wrn_28_10", "wrn_34_10",
+    "small_preact_resnet", "tv_resnet50", "wrn_28_10", "wrn_34_10",
 ]

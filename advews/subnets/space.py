@@ -13,6 +13,7 @@ from typing import Callable, Dict, Sequence, Tuple, Type
 
 import gin
 from torch import nn
+from torchvision.models import resnet as tv_resnet
 
 from advews.errors import AdvewsError
 from advews.models import BasicBlock, Bottleneck, PreActBlock, WideBlock
@@ -114,6 +115,9 @@ _ADAPTERS: Dict[Type[nn.Module], Adapter] = {
     WideBlock: ResidualAdapter("conv2", ("conv2",)),
     BasicBlock: ResidualAdapter("bn2", ("conv2",)),
     Bottleneck: ResidualAdapter("bn3", ("conv2", "conv3")),
+    # torchvision's ResNets (``tv_resnet50``): ``downsample`` is None for an identity shortcut
+    tv_resnet.BasicBlock: ResidualAdapter("bn2", ("conv2",), shortcut="downsample"),
+    tv_resnet.Bottleneck: ResidualAdapter("bn3", ("conv2", "conv3"), shortcut="downsample"),
 }
 
 
