@@ -72,7 +72,7 @@ def test_split_validation_is_a_seeded_partition():
 def test_limits_and_unknown_dataset():
     bundle = load_data("mnist5k", val_size=0, train_limit=50, test_limit=20)
     assert (len(bundle.train), bundle.val, len(bundle.test)) == (50, None, 20)
-    with pytest.raises(AdvewsError, match="cifar10, cifar100, mnist5k"):
+    with pytest.raises(AdvewsError, match="cifar10, cifar100, imagenet, mnist5k"):
         load_data("svhn")
     assert {"mnist5k", "cifar10", "cifar100"} <= set(DATASETS)
 

@@ -117,9 +117,11 @@ class ControllerSearch(WeakSubnetSearch):
         adv = self.advantage(-acc)
         loss = -(adv * samples.log_prob).mean() - self.entropy_weight * samples.entropy.mean()
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.grad_clip)
-        self.optimizer.step()
+        grad_norm = torch.zeros(())
+        if loss.requires_grad:  # False when rho keeps every item: the policy has nothing to choose
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.grad_clip)
+            self.optimizer.step()
         self.updates += 1
         return {
             "subnet_acc": float(acc.mean()),
