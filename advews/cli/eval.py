@@ -1,13 +1,14 @@
-"""advews-eval: clean and robust accuracy of a trained checkpoint."""
+"""advews-eval: clean and robust accuracy of a trained checkpoint under one or several attacks."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from advews.attacks.autoattack import AA_ATTACKS, VERSIONS
 from advews.attacks.zoo import ZOO
 from advews.cli.common import run_cli
 from advews.errors import AdvewsError
+from advews.evaluation.worst_case import correct_flags, worst_case
 
 NATIVE = ("pgd", "fgsm")
 ATTACKS = NATIVE + tuple(ZOO) + ("autoattack", "none")
@@ -70,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Data options that shape only the training split: evaluation never reloads the extra data.
+TRAIN_ONLY_DATA = ("train_limit", "extra_data", "extra_fraction", "allow_pickle")
+
+
 def load_npz(path: str):
     from advews.data import ArrayDataset
 
@@ -90,48 +96,99 @@ def load_eval_data(spec: Optional[str], data_spec: Dict[str, Any]):
     if spec is None:
         from advews.data import load_data
 
-        kwargs = {k: v for k, v in data_spec.items() if k not in ("train_limit",)}
+        kwargs = {k: v for k, v in data_spec.items() if k not in TRAIN_ONLY_DATA}
         return load_data(**kwargs).test
     if spec.startswith("npz:"):
         return load_npz(spec[4:])
     raise AdvewsError(f"bad --data {spec!r}; use npz:FILE or leave it out for the checkpoint's test split")
 
 
-def make_attack(args: argparse.Namespace, threat: Dict[str, Any]):
-    from advews.attacks import FGSM, PGD
+def parse_attacks(spec: str) -> List[str]:
+    """The attack names of a comma-separated ``--attack``, checked."""
+    names = [n.strip() for n in spec.split(",")]
+    bad = [n for n in names if n not in ATTACKS]
+    if bad:
+        raise AdvewsError(f"unknown --attack {bad[0]!r}; choose from {', '.join(ATTACKS)} (comma-separated)")
+    if len(set(names)) != len(names):
+        raise AdvewsError(f"--attack {spec!r} names an attack twice")
+    if "none" in names and len(names) > 1:
+        raise AdvewsError(f"--attack none means clean accuracy only; it cannot be combined, got {spec!r}")
+    return names
 
-    if args.attack not in ATTACKS:
-        raise AdvewsError(f"unknown --attack {args.attack!r}; choose one of {', '.join(ATTACKS)}")
-    if args.attack == "none":
-        return None, {}
+
+def autoattack_cascade(args: argparse.Namespace, names: List[str]) -> Optional[List[str]]:
+    """The --aa-attacks list (None unless --version custom), after checking the AutoAttack flags."""
+    if "autoattack" not in names:
+        if args.state or args.aa_attacks or args.version != "standard":
+            raise AdvewsError("--state, --version and --aa-attacks configure autoattack; add it to --attack")
+        return None
+    if args.version != "custom":
+        if args.aa_attacks:
+            raise AdvewsError(f"--aa-attacks needs --version custom; --version {args.version} fixes its own cascade")
+        return None
+    if not args.aa_attacks:
+        raise AdvewsError(f"--version custom needs --aa-attacks, a comma-separated list from {', '.join(AA_ATTACKS)}")
+    return [a.strip() for a in args.aa_attacks.split(",")]
+
+
+def threat_model(args: argparse.Namespace, threat: Dict[str, Any]) -> Tuple[float, str]:
+    """eps and norm: the flags, else the ones the checkpoint was trained with."""
     eps = args.eps if args.eps is not None else threat.get("eps")
     if eps is None:
         raise AdvewsError("--eps is required: the checkpoint records no training threat model")
-    norm = args.norm or threat.get("norm", "Linf")
-    if args.attack == "fgsm":
+    return eps, args.norm or threat.get("norm", "Linf")
+
+
+def make_attack(name: str, args: argparse.Namespace, eps: float, norm: str, cascade: Optional[List[str]]):
+    """The attack called ``name`` and the parameters the JSON reports; autoattack has no Attack object
+    (``run_autoattack`` runs it) and is only checked here, before anything slow runs."""
+    from advews.attacks import FGSM, PGD
+    from advews.attacks.autoattack import check_options
+    from advews.attacks.zoo import build_zoo_attack
+
+    if name == "fgsm":
         return FGSM(eps=eps, norm=norm), {"eps": eps, "norm": norm}
-    step_size = args.step_size if args.step_size is not None else 2.5 * eps / max(args.steps, 1)
-    params = {"eps": eps, "norm": norm, "steps": args.steps, "step_size": step_size, "restarts": args.restarts}
-    return PGD(**params), params
+    if name == "pgd":
+        steps = args.steps if args.steps is not None else 20
+        step_size = args.step_size if args.step_size is not None else 2.5 * eps / max(steps, 1)
+        params = {"eps": eps, "norm": norm, "steps": steps, "step_size": step_size, "restarts": args.restarts}
+        return PGD(**params), params
+    if name == "autoattack":
+        check_options(eps=eps, norm=norm, version=args.version, attacks=cascade)
+        params = {"eps": eps, "norm": norm, "version": args.version, "seed": args.seed}
+        return None, ({**params, "aa_attacks": cascade} if cascade else params)
+    attack = build_zoo_attack(name, eps=eps, norm=norm, steps=args.steps, step_size=args.step_size,
+                              restarts=args.restarts, seed=args.seed)
+    return attack, {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack) if f.name != "autocast"}
 
 
 def _main(args: argparse.Namespace) -> int:
     from advews.engine.checkpoint import load_checkpoint
     from advews.engine.trainer import resolve_device
-    from advews.evaluation.robust import robust_accuracy
     from advews.models import build_model
 
-    if args.output and os.path.exists(args.output) and not args.force:
-        raise AdvewsError(f"{args.output} exists; choose another --output or pass --force")
+    for path, flag in ((args.output, "--output"), (args.hdf5, "--hdf5")):
+        if path and os.path.exists(path) and not args.force:
+            raise AdvewsError(f"{path} exists; choose another {flag} or pass --force")
     if args.n_examples is not None and args.n_examples < 1:
         raise AdvewsError(f"--n-examples must be >= 1, got {args.n_examples}")
     if args.batch_size < 1:
         raise AdvewsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    names = parse_attacks(args.attack)
+    cascade = autoattack_cascade(args, names)
+    if args.analysis == "subnets" and (len(names) > 1 or names == ["autoattack"] or args.hdf5):
+        raise AdvewsError(f"--analysis subnets takes one --attack other than autoattack and no --hdf5, "
+                          f"got --attack {args.attack!r}")
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint, map_location=device)
     if "model_spec" not in state:
         raise AdvewsError(f"{args.checkpoint} is not an advews checkpoint (no model_spec)")
-    attack, params = make_attack(args, state.get("threat_model") or {})
+    attacks: Dict[str, Any] = {}
+    params: Dict[str, Dict[str, Any]] = {}
+    if names != ["none"]:
+        eps, norm = threat_model(args, state.get("threat_model") or {})
+        for name in names:
+            attacks[name], params[name] = make_attack(name, args, eps, norm, cascade)
     model = build_model(state["model_spec"]).to(device)
     model.load_state_dict(state["model"])
     data = load_eval_data(args.data, state.get("data_spec", {}))
@@ -140,30 +197,115 @@ def _main(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     start = time.time()
     if args.analysis == "subnets":
-        result = run_subnet_analysis(args, model, data, attack, params, state, device)
+        result = run_subnet_analysis(args, model, data, attacks.get(names[0]), params.get(names[0], {}), state, device)
         result["seconds"] = round(time.time() - start, 2)
         write_json(args, result)
         return 0
-    res = robust_accuracy(model, data, attack, args.batch_size, device)
+    clean, robust, entries, stages = evaluate(args, model, data, attacks, params, device)
+    shared: Dict[str, Any] = {}  # one attack keeps its parameters at the top level, as before lists existed
+    if len(params) == 1:
+        shared = params[names[0]]
+    elif params:
+        shared = {"eps": eps, "norm": norm}
     result = {
         "checkpoint": args.checkpoint,
         "epoch": state.get("epoch"),
         "attack": args.attack,
-        **params,
-        "clean_acc": res["clean_acc"],
-        "robust_acc": res.get("robust_acc"),
-        "n_examples": res["n_examples"],
+        **shared,
+        "clean_acc": _fraction(clean),
+        "robust_acc": _fraction(worst_case(robust)) if robust else None,
+        "n_examples": len(clean),
+        "attacks": entries,
         "seconds": round(time.time() - start, 2),
     }
-    print(f"{'checkpoint':<12}{args.checkpoint} (epoch {state.get('epoch')})")
-    print(f"{'examples':<12}{result['n_examples']}")
-    print(f"{'attack':<12}{args.attack} " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                for k, v in params.items()))
-    print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
-    if result["robust_acc"] is not None:
-        print(f"{'robust acc':<12}{100 * result['robust_acc']:.2f}%")
+    if args.hdf5:
+        from advews.evaluation.per_example import save_per_example
+
+        labels = torch.cat([y for _, y in data.batches(args.batch_size)])
+        save_per_example(args.hdf5, labels=labels, clean=clean, robust=robust, params=params, stages=stages,
+                         attrs={"seed": args.seed, **{k: result[k] for k in ("checkpoint", "epoch", "attack", "n_examples")}})
+        result["hdf5"] = args.hdf5
+    print_report(result, names)
     write_json(args, result)
     return 0
+
+
+def evaluate(
+    args: argparse.Namespace,
+    model: torch.nn.Module,
+    data: Any,
+    attacks: Dict[str, Any],
+    params: Dict[str, Dict[str, Any]],
+    device: torch.device,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Dict[str, Any]], Dict[str, Dict[str, torch.Tensor]]]:
+    """Per-example clean and per-attack robust flags, the JSON entry of each attack, and the per-stage
+    flags of cascades. Each attack starts from ``--seed``, so its numbers do not depend on the others."""
+    clean = correct_flags(model, data, batch_size=args.batch_size, device=device)
+    robust: Dict[str, torch.Tensor] = {}
+    entries: Dict[str, Dict[str, Any]] = {}
+    stages: Dict[str, Dict[str, torch.Tensor]] = {}
+    for name, attack in attacks.items():
+        torch.manual_seed(args.seed)
+        start = time.time()
+        extra: Dict[str, Any] = {}
+        if name == "autoattack":
+            res = run_autoattack_on(args, model, data, params[name])
+            robust[name], stages[name] = res["robust"], res["stage_robust"]
+            extra = {"stages": res["stages"], "warnings": res["warnings"]}
+        else:
+            robust[name] = correct_flags(model, data, attack, batch_size=args.batch_size, device=device)
+        entries[name] = {"robust_acc": _fraction(robust[name]), **params[name], **extra,
+                         "seconds": round(time.time() - start, 2)}
+    return clean, robust, entries, stages
+
+
+def run_autoattack_on(args: argparse.Namespace, model: torch.nn.Module, data: Any, params: Dict[str, Any]) -> Dict[str, Any]:
+    """The reference AutoAttack on the whole evaluation set (held on the CPU; batches go to the model's
+    device), progress and sanity-check warnings on stderr."""
+    from advews.attacks.autoattack import run_autoattack
+
+    xs, ys = zip(*data.batches(args.batch_size))
+    return run_autoattack(
+        model, torch.cat(xs), torch.cat(ys), eps=params["eps"], norm=params["norm"], version=args.version,
+        attacks=params.get("aa_attacks"), seed=args.seed, batch_size=args.batch_size, state_path=args.state,
+        log=lambda line: print(f"autoattack: {line}", file=sys.stderr, flush=True),
+    )
+
+
+def _fraction(flags: torch.Tensor) -> float:
+    return int(flags.sum()) / max(len(flags), 1)
+
+
+def _format_params(params: Dict[str, Any]) -> str:
+    def show(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else ",".join(v) if isinstance(v, list) else str(v)
+
+    return " ".join(f"{k}={show(v)}" for k, v in params.items())
+
+
+def print_report(result: Dict[str, Any], names: List[str]) -> None:
+    """One attack other than autoattack: the classic lines. Otherwise a table with a row per attack,
+    per AutoAttack stage, and the per-point worst case over all of them."""
+    print(f"{'checkpoint':<12}{result['checkpoint']} (epoch {result['epoch']})")
+    print(f"{'examples':<12}{result['n_examples']}")
+    attacks = result["attacks"]
+    if len(names) == 1 and names != ["autoattack"]:
+        params = {k: v for k, v in attacks.get(names[0], {}).items() if k not in ("robust_acc", "seconds")}
+        print(f"{'attack':<12}{names[0]} {_format_params(params)}")
+        print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
+        if result["robust_acc"] is not None:
+            print(f"{'robust acc':<12}{100 * result['robust_acc']:.2f}%")
+        return
+    print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
+    print(f"{'attack':<16}{'robust acc':>11}  parameters")
+    for name, entry in attacks.items():
+        params = {k: v for k, v in entry.items() if k not in ("robust_acc", "seconds", "stages", "warnings")}
+        print(f"{name:<16}{100 * entry['robust_acc']:>10.2f}%  {_format_params(params)}")
+        for stage in entry.get("stages", []):
+            print(f"{'  after ' + stage['attack']:<16}{100 * stage['robust_acc']:>10.2f}%")
+        for warning in entry.get("warnings", []):
+            print(f"  warning: {warning}")
+    print(f"{'worst case':<16}{100 * result['robust_acc']:>10.2f}%  robust only if every attack above fails")
 
 
 def write_json(args: argparse.Namespace, result: Dict[str, Any]) -> None:
@@ -187,7 +329,7 @@ def run_subnet_analysis(args, model, test, attack, params, state, device) -> Dic
         raise AdvewsError(f"--n-subnets must be >= 1, got {args.n_subnets}")
     if args.search_updates < 0:
         raise AdvewsError(f"--search-updates must be >= 0, got {args.search_updates}")
-    bundle_spec = {k: v for k, v in state.get("data_spec", {}).items() if k != "train_limit"}
+    bundle_spec = {k: v for k, v in state.get("data_spec", {}).items() if k not in TRAIN_ONLY_DATA}
     search_data = load_data(**bundle_spec).val if bundle_spec else None
     if search_data is None:
         raise AdvewsError("--analysis subnets needs the checkpoint's validation split to train the search on")

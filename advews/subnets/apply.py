@@ -165,6 +165,63 @@ def _channel_mask(module: nn.Module, kept: Indices, channels: int):
     return hook
 
 
+_MASK, _GATE = "ews_channel_mask", "ews_path_gate"
+
+
+def _persistent_mask(module: nn.Module, args: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+    x = args[0]
+    return x * getattr(module, _MASK).to(dtype=x.dtype)
+
+
+def _persistent_gate(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+    return output * getattr(module, _GATE).to(dtype=output.dtype)
+
+
+def install_masks(model: nn.Module, space: Optional[SubnetSpace] = None) -> None:
+    """Install permanent mask hooks whose masks are (non-persistent) buffers, all ones by default.
+
+    Needed under ``torch.compile``: dynamo does not guard on hooks, so the temporary hooks of a
+    plain ``subnet`` context would be baked into the compiled graph with the first subnet's masks.
+    With installed masks a subnet only rewrites buffer values, which compiled graphs read as inputs:
+    every subnet runs correctly without recompiling. The price is one multiply per masked layer in
+    full-net forwards too.
+    """
+    space = space if space is not None else space_of(model)
+    if _is_installed(space):
+        return
+    for block in space.blocks:
+        for path in block.paths:
+            out = path.output_module
+            if not hasattr(out, _GATE):
+                ref = next(iter(model.parameters()))
+                out.register_buffer(_GATE, torch.ones((), device=ref.device), persistent=False)
+                out.register_forward_hook(_persistent_gate)
+            for layer in path.layers:
+                w = layer.module.weight
+                mask = torch.ones(1, layer.channels, *[1] * (w.dim() - 2), device=w.device, dtype=w.dtype)
+                layer.module.register_buffer(_MASK, mask, persistent=False)
+                layer.module.register_forward_pre_hook(_persistent_mask)
+
+
+def _is_installed(space: SubnetSpace) -> bool:
+    return any(hasattr(p.output_module, _GATE) for b in space.blocks for p in b.paths)
+
+
+def _set_installed(space: SubnetSpace, alpha: Optional[Subnet]) -> None:
+    """Write ``alpha``'s masks into the installed buffers (None: the full net, all ones)."""
+    with torch.no_grad():
+        for b, block in enumerate(space.blocks):
+            kept = range(len(block.paths)) if alpha is None else alpha.paths[b]
+            for p, path in enumerate(block.paths):
+                getattr(path.output_module, _GATE).fill_(1.0 if p in kept else 0.0)
+                for l, layer in enumerate(path.layers):
+                    mask = getattr(layer.module, _MASK)
+                    if alpha is None:
+                        mask.fill_(1.0)
+                    elif p in kept:
+                        mask.zero_().view(-1)[list(alpha.channels[b][list(kept).index(p)][l])] = 1.0
+
+
 @contextmanager
 def subnet(model: nn.Module, alpha: Subnet, space: Optional[SubnetSpace] = None) -> Iterator[None]:
     """Run ``model`` as the subnet ``alpha`` inside the block; leave it exactly as it was afterwards.
@@ -180,22 +237,28 @@ def subnet(model: nn.Module, alpha: Subnet, space: Optional[SubnetSpace] = None)
     if model in _ACTIVE:
         raise RuntimeError("subnet contexts do not nest: this model is already running as a subnet")
     _ACTIVE.add(model)
-    handles, bns = [], []
+    handles, bns, installed = [], [], False
     try:
         for m in model.modules():
             if isinstance(m, _BatchNorm):
                 bns.append((m, m.track_running_stats))
                 m.track_running_stats = False
-        for block, kept, chans in zip(space.blocks, alpha.paths, alpha.channels):
-            for p, path in enumerate(block.paths):
-                if p not in kept:
-                    handles.append(path.output_module.register_forward_hook(_drop_path))
-            for p, layers in zip(kept, chans):
-                for layer, idx in zip(block.paths[p].layers, layers):
-                    hook = _channel_mask(layer.module, idx, layer.channels)
-                    handles.append(layer.module.register_forward_pre_hook(hook))
+        installed = _is_installed(space)
+        if installed:
+            _set_installed(space, alpha)
+        else:
+            for block, kept, chans in zip(space.blocks, alpha.paths, alpha.channels):
+                for p, path in enumerate(block.paths):
+                    if p not in kept:
+                        handles.append(path.output_module.register_forward_hook(_drop_path))
+                for p, layers in zip(kept, chans):
+                    for layer, idx in zip(block.paths[p].layers, layers):
+                        hook = _channel_mask(layer.module, idx, layer.channels)
+                        handles.append(layer.module.register_forward_pre_hook(hook))
         yield
     finally:
+        if installed:
+            _set_installed(space, None)
         for h in handles:
             h.remove()
         for m, track in bns:

@@ -1,0 +1,241 @@
+"""The reference AutoAttack (Croce & Hein 2020) through pyautoattack, one cascade stage at a time.
+
+pyautoattack only logs the robust accuracy after each attack of its cascade. Here its own
+``run_standard_evaluation`` runs once per stage, on the points still robust (in their original order),
+with the attack objects its ``version`` configured. That is exactly the batches and seeds of one
+uninterrupted cascade, so every number equals pyautoattack's, and it yields per-stage accuracies,
+per-example flags and a resume point after every stage.
+
+torchattacks' AutoAttack (10-step APGD and other settings) is not the reference and is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from advews.attacks.base import frozen
+from advews.errors import AdvewsError
+
+AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+VERSIONS = ("standard", "plus", "rand", "custom")
+AA_NORMS = ("Linf", "L2", "L1")
+STATE_FORMAT = "advews-autoattack-state/1"
+LOGGER = "auto-attack"
+
+# Library lines replaced by the stage lines logged here: accuracies of the subset handed to one stage
+# (e.g. "initial accuracy: 100.00%") rather than of the whole evaluation, and the stage announcements.
+_REPLACED_LINES = ("initial accuracy", "robust accuracy", "using ", "running ")
+
+
+def run_autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str,
+    version: str = "standard",
+    attacks: Optional[Sequence[str]] = None,
+    seed: int = 0,
+    batch_size: int = 250,
+    state_path: Optional[str] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> Dict[str, Any]:
+    """AutoAttack ``version`` (``attacks`` only for ``custom``) on ``x`` in [0, 1] with labels ``y``.
+
+    Returns clean_acc, robust_acc, n_examples, stages (per attack, in cascade order: robust_acc
+    after it, seconds, whether it was restored from the state), warnings (pyautoattack's sanity
+    checks), and the per-example bool tensors clean, robust and stage_robust {attack: flags}.
+    ``state_path`` is rewritten after every stage; a later call with the same file skips the stages
+    it records. ``log`` receives progress lines and warnings.
+    """
+    from pyautoattack import AutoAttack, checks
+
+    check_options(eps=eps, norm=norm, version=version, attacks=attacks)
+    _check_inputs(x, y, batch_size)
+    x, y = x.detach().cpu(), y.detach().cpu()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    say = log or (lambda _: None)
+    with frozen(model), _library_log(say) as warnings:
+        aa = AutoAttack(model, eps=eps, norm=norm, version=version, device=device, seed=seed,
+                        attacks=list(attacks) if version == "custom" else None)
+        cascade: List[str] = list(aa.attacks_to_run)
+        identity = {"eps": eps, "norm": norm, "version": version, "attacks": cascade, "seed": seed,
+                    "n": len(y), "data": _fingerprint([x, y]), "model": _fingerprint(model.state_dict().values())}
+        done = _load_state(state_path, identity) if state_path else []
+        clean = _correct(model, x, y, batch_size, device)
+        robust = clean.clone()
+        stage_robust: Dict[str, torch.Tensor] = {}
+        stages: List[Dict[str, Any]] = []
+        say(f"clean accuracy: {_pct(clean)} of {len(y)}; cascade {', '.join(cascade)} at {norm} eps {eps:g}")
+        for name in cascade:
+            start = time.time()
+            restored = next((s for s in done if s["attack"] == name), None)
+            if restored is not None:
+                robust &= _unpack(restored["robust"], len(y))
+                seconds = restored["seconds"]
+                say(f"{name}: restored from {state_path}")
+            else:
+                index = robust.nonzero().flatten()
+                say(f"{name}: attacking {len(index)} robust points")
+                if len(index):
+                    aa.attacks_to_run = [name]
+                    _, y_adv = aa.run_standard_evaluation(x[index], y[index], batch_size=batch_size)
+                    robust[index] = y_adv.cpu() == y[index]
+                seconds = round(time.time() - start, 2)
+            stage_robust[name] = robust.clone()
+            stages.append({"attack": name, "robust_acc": _acc(robust), "seconds": seconds,
+                           "resumed": restored is not None})
+            saved = ""
+            if state_path and restored is None:
+                _save_state(state_path, identity, stages, stage_robust)
+                saved = f" (saved to {state_path})"
+            say(f"robust accuracy after {name}: {_pct(robust)}{saved}")
+        checks.check_square_sr({"clean": _acc(clean), **{s["attack"]: s["robust_acc"] for s in stages}},
+                               logger=aa.logger)
+    return {
+        "clean_acc": _acc(clean),
+        "robust_acc": _acc(robust),
+        "n_examples": len(y),
+        "stages": stages,
+        "warnings": list(warnings),
+        "clean": clean,
+        "robust": robust,
+        "stage_robust": stage_robust,
+    }
+
+
+def check_options(*, eps: float, norm: str, version: str, attacks: Optional[Sequence[str]]) -> None:
+    """Refuse a configuration pyautoattack would reject or silently change (a one-line AdvewsError)."""
+    if version not in VERSIONS:
+        raise AdvewsError(f"unknown AutoAttack version {version!r}; choose one of {', '.join(VERSIONS)}")
+    if version == "custom":
+        bad = [a for a in attacks or () if a not in AA_ATTACKS]
+        if not attacks or bad or len(set(attacks)) != len(attacks):
+            raise AdvewsError(f"bad AutoAttack attacks {list(attacks or [])}: version custom needs a list of "
+                              f"distinct names from {', '.join(AA_ATTACKS)}")
+    elif attacks is not None:
+        raise AdvewsError(f"AutoAttack attacks {list(attacks)} need version custom; {version} fixes its own")
+    if norm not in AA_NORMS:
+        raise AdvewsError(f"AutoAttack norm must be one of {', '.join(AA_NORMS)}, got {norm!r}")
+    if not eps > 0:
+        raise AdvewsError(f"AutoAttack eps must be > 0, got {eps}")
+
+
+def _check_inputs(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> None:
+    if batch_size < 1:
+        raise AdvewsError(f"batch_size must be >= 1, got {batch_size}")
+    if not x.is_floating_point() or x.dim() < 2 or not len(x) or y.dtype != torch.long or y.shape != x.shape[:1]:
+        raise AdvewsError(f"AutoAttack needs float x (N >= 1, ...) and int64 y (N,), got {tuple(x.shape)} "
+                          f"{x.dtype} and {tuple(y.shape)} {y.dtype}")
+    if x.min() < 0 or x.max() > 1:
+        raise AdvewsError(f"AutoAttack needs x in [0, 1] (normalise inside the model), got "
+                          f"[{x.min().item():.4g}, {x.max().item():.4g}]")
+
+
+@torch.no_grad()
+def _correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """Clean correctness on the CPU, computed batch by batch like pyautoattack's first pass."""
+    return torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu() == y[i:i + batch_size]
+                      for i in range(0, len(y), batch_size)])
+
+
+class _Relay(logging.Handler):
+    """Forwards pyautoattack's log lines to ``log`` and collects its warnings (the sanity checks)."""
+
+    def __init__(self, log: Callable[[str], None]):
+        super().__init__(logging.DEBUG)
+        self.log = log
+        self.warnings: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            if msg not in self.warnings:  # the checks rerun at every stage
+                self.warnings.append(msg)
+                self.log(f"warning: {msg}")
+        elif not msg.startswith(_REPLACED_LINES):
+            self.log(msg)
+
+
+@contextlib.contextmanager
+def _library_log(log: Callable[[str], None]) -> Iterator[List[str]]:
+    """Route the 'auto-attack' logger (DEBUG progress, WARNING checks) to ``log`` during one run, and
+    keep it from reaching the root handlers twice; its level and propagation are restored after."""
+    logger = logging.getLogger(LOGGER)
+    relay = _Relay(log)
+    saved = logger.level, logger.propagate
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    logger.addHandler(relay)
+    try:
+        yield relay.warnings
+    finally:
+        logger.removeHandler(relay)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+
+
+def _fingerprint(tensors) -> str:
+    """SHA-256 of the tensors' bytes, so a state file is never resumed on other data or weights."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_state(path: str, identity: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The stages a previous run of the same evaluation finished; [] when ``path`` does not exist."""
+    if not os.path.exists(path):
+        return []
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (OSError, ValueError) as e:
+        raise AdvewsError(f"cannot read AutoAttack state {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise AdvewsError(f"{path} is not an AutoAttack state file ({STATE_FORMAT})")
+    for key, value in identity.items():
+        if state.get(key) != value:
+            what = {"data": "other inputs", "model": "other model weights"}.get(key, f"{key}={state.get(key)!r}")
+            now = "" if key in ("data", "model") else f", this run has {key}={value!r}"
+            raise AdvewsError(f"AutoAttack state {path} was written for {what}{now}; use another state file or delete it")
+    return state["stages"]
+
+
+def _save_state(path: str, identity: Dict[str, Any], stages: List[Dict[str, Any]],
+                stage_robust: Dict[str, torch.Tensor]) -> None:
+    """Atomically rewrite the state: an interrupt mid-write keeps the previous stage's file."""
+    done = [{**s, "robust": _pack(stage_robust[s["attack"]])} for s in stages]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": STATE_FORMAT, **identity, "stages": done}, f)
+    os.replace(tmp, path)
+
+
+def _pack(flags: torch.Tensor) -> str:
+    return "".join("1" if f else "0" for f in flags.tolist())
+
+
+def _unpack(text: str, n: int) -> torch.Tensor:
+    if len(text) != n or set(text) - {"0", "1"}:
+        raise AdvewsError(f"corrupt AutoAttack state: expected {n} flags, got {len(text)} characters")
+    return torch.tensor([c == "1" for c in text], dtype=torch.bool)
+
+
+def _acc(flags: torch.Tensor) -> float:
+    """A fraction of counts, as pyautoattack computes it (not a float32 mean)."""
+    return int(flags.sum()) / len(flags)
+
+
+def _pct(flags: torch.Tensor) -> str:
+    return f"{100 * _acc(flags):.2f}%"
