@@ -42,7 +42,7 @@ def _main(args: argparse.Namespace) -> int:
         stem = os.path.splitext(os.path.basename(gin_files[-1]))[0] if gin_files else "run"
         output = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     trainer = Trainer(output_dir=output, resume=args.resume, quiet=args.quiet)
-    if not args.quiet:
+    if not trainer.quiet:  # rank 0 only under torchrun
         print(f"run directory: {output}", flush=True)
     trainer.run()
     return 0

@@ -23,6 +23,7 @@ from advews.defenses.at import AT
 from advews.defenses.base import Batch
 from advews.defenses.registry import register_defense
 from advews.defenses.trades import TRADES
+from advews.engine import distributed
 from advews.errors import AdvewsError
 
 
@@ -86,6 +87,7 @@ class AWPMixin:
         ascent = -self.loss(self.proxy, batch).loss
         self.proxy_optimizer.zero_grad(set_to_none=True)
         ascent.backward()
+        distributed.average_gradients(self.proxy)  # one proxy step, identical on every rank
         self.proxy_optimizer.step()
         self.proxy_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():

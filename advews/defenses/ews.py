@@ -18,8 +18,9 @@ import torch.nn.functional as F
 
 from advews.defenses.base import Batch, Defense, DefenseOutput
 from advews.defenses.registry import register_deriver
+from advews.engine import distributed
 from advews.errors import AdvewsError
-from advews.subnets import Subnet, build_search, space_of, subnet
+from advews.subnets import Subnet, build_search, set_bn_mode, space_of, subnet
 
 BN_MODES = ("eval", "train")
 
@@ -87,14 +88,16 @@ class EWSMixin:
     def score_subnets(self, model: nn.Module, subnets: List[Subnet], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Accuracy of each subnet on (x, y), BN in ``search_bn`` mode; no gradients, no state change."""
         modes = [(m, m.training) for m in model.modules()]
-        model.train(self.search_bn == "train")
+        set_bn_mode(model, self.search_bn)
         try:
             with torch.no_grad():
                 accs = []
                 for alpha in subnets:
                     with subnet(model, alpha, self.space):
                         accs.append((model(x).argmax(1) == y).float().mean())
-                return torch.stack(accs)
+                # Under DDP every rank scores the same subnets on its shard: the reward is the mean
+                # over ranks, so every rank's controller takes the same update and stays identical.
+                return distributed.all_reduce_mean(torch.stack(accs))
         finally:
             for m, training in modes:
                 m.training = training

@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from advews.attacks import Attack
-from advews.subnets import ControllerSearch, Subnet, build_search, space_of, subnet
+from advews.subnets import ControllerSearch, Subnet, build_search, set_bn_mode, space_of, subnet
 
 STRATEGIES = ("random", "controller", "l1")
 
 
-def summarize(values: Sequence[float]) -> Dict[str, float]:
+def summarize(values: Sequence[float]) -> Dict:
+    """Mean, 10th/50th/90th percentiles and count, plus the raw ``values`` (box plots need them)."""
     t = torch.tensor(list(values), dtype=torch.float64)
     q = torch.quantile(t, torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-    return {"mean": float(t.mean()), "p10": float(q[0]), "median": float(q[1]), "p90": float(q[2]), "n": len(t)}
+    return {"mean": float(t.mean()), "p10": float(q[0]), "median": float(q[1]), "p90": float(q[2]), "n": len(t),
+            "values": [float(v) for v in t]}
 
 
 def attacked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optional[Attack], batch_size: int) -> torch.Tensor:
@@ -39,7 +41,7 @@ def accuracy(
 ) -> float:
     """Accuracy of the full net (alpha None) or of subnet alpha; the model's modes are restored."""
     modes = [(m, m.training) for m in model.modules()]
-    model.train(bn == "train")
+    set_bn_mode(model, bn)
     correct = 0
     try:
         for i in range(0, len(x), batch_size):

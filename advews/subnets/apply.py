@@ -264,3 +264,13 @@ def subnet(model: nn.Module, alpha: Subnet, space: Optional[SubnetSpace] = None)
         for m, track in bns:
             m.track_running_stats = track
         _ACTIVE.discard(model)
+
+
+def set_bn_mode(model: nn.Module, bn: str) -> None:
+    """Eval mode everywhere (no dropout), with BatchNorm in ``bn`` mode: 'eval' uses running
+    statistics, 'train' batch statistics. Inside a ``subnet`` context neither updates the statistics."""
+    model.eval()
+    if bn == "train":
+        for m in model.modules():
+            if isinstance(m, _BatchNorm):
+                m.train()

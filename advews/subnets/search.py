@@ -45,6 +45,11 @@ class WeakSubnetSearch:
         pass
 
 
+def _fp32():
+    """The controller (on the CPU) always runs in fp32, even inside the training step's autocast."""
+    return torch.autocast("cpu", enabled=False)
+
+
 def _accuracies(score: Score, subnets: List[Subnet]) -> torch.Tensor:
     acc = torch.as_tensor(score(subnets)).detach().to("cpu", torch.float32).flatten()
     if acc.numel() != len(subnets):
@@ -96,7 +101,7 @@ class ControllerSearch(WeakSubnetSearch):
         self.updates = 0
 
     def sample(self) -> Subnet:
-        with torch.no_grad():
+        with torch.no_grad(), _fp32():
             return self.controller.sample(1, self.generator).subnets[0].canonical()
 
     def advantage(self, reward: torch.Tensor) -> torch.Tensor:
@@ -112,16 +117,18 @@ class ControllerSearch(WeakSubnetSearch):
         return adv
 
     def update(self, score: Score) -> Dict[str, float]:
-        samples = self.controller.sample(self.num_samples, self.generator)
-        acc = _accuracies(score, [s.canonical() for s in samples.subnets])
-        adv = self.advantage(-acc)
-        loss = -(adv * samples.log_prob).mean() - self.entropy_weight * samples.entropy.mean()
-        self.optimizer.zero_grad(set_to_none=True)
-        grad_norm = torch.zeros(())
-        if loss.requires_grad:  # False when rho keeps every item: the policy has nothing to choose
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.grad_clip)
-            self.optimizer.step()
+        with _fp32():
+            samples = self.controller.sample(self.num_samples, self.generator)
+        acc = _accuracies(score, [s.canonical() for s in samples.subnets])  # the model's own precision
+        with _fp32():
+            adv = self.advantage(-acc)
+            loss = -(adv * samples.log_prob).mean() - self.entropy_weight * samples.entropy.mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            grad_norm = torch.zeros(())
+            if loss.requires_grad:  # False when rho keeps every item: the policy has nothing to choose
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.controller.parameters(), self.grad_clip)
+                self.optimizer.step()
         self.updates += 1
         return {
             "subnet_acc": float(acc.mean()),

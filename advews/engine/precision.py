@@ -1,0 +1,54 @@
+"""Mixed precision and memory format: autocast (bf16 / fp16 with a GradScaler) and channels_last."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import ContextManager
+
+import torch
+
+from advews.errors import AdvewsError
+
+AMP_MODES = ("none", "bf16", "fp16")
+
+
+class Precision:
+    """What the loop needs: ``autocast()`` for forward passes, ``backward``/``step`` via the scaler.
+
+    Losses are reduced in fp32 by autocast itself (cross-entropy, softmax, KL are on its fp32 list);
+    attacks take gradients w.r.t. the fp32 input; the controller never runs under autocast.
+    """
+
+    def __init__(self, amp: str, device: torch.device, channels_last: bool = False):
+        if amp not in AMP_MODES:
+            raise AdvewsError(f"train.amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+        if amp == "fp16" and device.type != "cuda":
+            raise AdvewsError("train.amp = 'fp16' needs a CUDA device; use 'bf16' on the CPU")
+        self.amp, self.device, self.channels_last = amp, device, channels_last
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+
+    def autocast(self) -> ContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return {} if self.scaler is None else self.scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

@@ -1,0 +1,55 @@
+"""Run by tests/test_distributed.py under torchrun: trains through the real Trainer and records, per
+step, what must agree across ranks (sampled subnet, controller and model parameters)."""
+
+import sys
+
+import torch
+from torch import nn
+
+from advews.cli.common import parse_gin
+from advews.defenses.ews import EWSMixin
+from advews.engine.trainer import Trainer
+from advews.models import ARCHITECTURES
+
+
+def mlp(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """No BatchNorm: DDP with 2 x B then equals one process with 2B up to float summation order."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, 64), nn.ReLU(), nn.Linear(64, num_classes))
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).double() for p in params])
+
+
+def main(output: str, trace: str, resume: str, *bindings: str) -> None:
+    ARCHITECTURES["test_mlp"] = mlp
+    records = []
+    original = EWSMixin.training_loss
+
+    def recording(self, model, batch):
+        sample = self.search.sample
+
+        def traced():
+            alpha = sample()
+            records.append(("subnet", alpha.to_tensor(self.space)))
+            return alpha
+
+        self.search.sample = traced
+        try:
+            out = original(self, model, batch)
+        finally:
+            self.search.sample = sample
+        records.append(("controller", flat(self.search.controller.parameters())))
+        records.append(("model", flat(model.parameters())))
+        return out
+
+    EWSMixin.training_loss = recording
+    parse_gin([], list(bindings))
+    trainer = Trainer(output_dir=output, resume=resume == "resume", quiet=True)
+    rank = trainer.dist.rank
+    trainer.run()
+    torch.save({"records": records}, f"{trace}.rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
