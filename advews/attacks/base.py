@@ -82,7 +82,7 @@ class Attack(ABC):
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Forward pass under the optional autocast, returned in fp32 so losses are computed in fp32."""
         if self.autocast is None:
-            return model(x)
+            return model(x).float()  # a no-op in fp32; under an outer autocast, fp32 losses
         with self.autocast():
             return model(x).float()
 

@@ -33,7 +33,7 @@ def jensen_shannon(*logits: torch.Tensor) -> torch.Tensor:
     As in AugMix's code, log M is taken of M clamped to [1e-7, 1] so the term cannot explode; KL is
     summed over classes and averaged over the batch.
     """
-    probs = [z.softmax(dim=1) for z in logits]
+    probs = [z.float().softmax(dim=1) for z in logits]
     log_mixture = torch.stack(probs).mean(0).clamp(1e-7, 1).log()
     return sum(F.kl_div(log_mixture, p, reduction="batchmean") for p in probs) / len(probs)
 

@@ -78,7 +78,7 @@ class Defense:
         self.epoch, self.eps_scale = epoch, eps_scale
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Batch:
         return Batch(x, y)

@@ -27,8 +27,8 @@ BN_MODES = ("eval", "train")
 
 def distillation_kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
     """KL(p_teacher || p_student): summed over classes, averaged over the batch (not batch*classes)."""
-    return F.kl_div(
-        F.log_softmax(student_logits, dim=1), F.log_softmax(teacher_logits, dim=1),
+    return F.kl_div(  # fp32 even under autocast: softmax of bf16 logits stays bf16 on the CPU
+        F.log_softmax(student_logits.float(), dim=1), F.log_softmax(teacher_logits.float(), dim=1),
         reduction="sum", log_target=True,
     ) / teacher_logits.shape[0]
 

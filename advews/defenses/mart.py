@@ -22,13 +22,14 @@ from advews.defenses.registry import register_defense
 
 def wrong_class_margin(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """mean_i -log(1.0001 - p(y'_i|x'_i)), y' the most likely wrong class: the boost in MART's boosted CE."""
-    probs = F.softmax(logits_adv, dim=1)
+    probs = F.softmax(logits_adv.float(), dim=1)  # fp32 even under autocast
     wrong = probs.detach().scatter(1, y.unsqueeze(1), float("-inf")).argmax(1)
     return F.nll_loss(torch.log(1.0001 - probs), wrong)
 
 
 def misclassification_aware_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """mean_i KL_i(p(x_i) || p(x'_i)) * (1 - p(y_i|x_i)), KL summed over classes; nothing detached."""
+    logits_clean, logits_adv = logits_clean.float(), logits_adv.float()  # fp32 even under autocast
     p_clean = F.softmax(logits_clean, dim=1)
     kl = (p_clean * (F.log_softmax(logits_clean, dim=1) - F.log_softmax(logits_adv, dim=1))).sum(1)
     return (kl * (1 - p_clean.gather(1, y.unsqueeze(1)).squeeze(1))).mean()

@@ -14,7 +14,7 @@ from advews.defenses.registry import register_defense
 def trades_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
     """KL(p_clean || p_adv), summed over classes and averaged over the batch."""
     return F.kl_div(
-        F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="sum"
+        F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_clean.float(), dim=1), reduction="sum"
     ) / logits_clean.shape[0]
 
 
