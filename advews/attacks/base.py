@@ -71,7 +71,7 @@ class Attack(ABC):
         x = x.detach()
         if self.eps == 0 or x.shape[0] == 0:
             return x.clone()
-        with frozen(model):
+        with frozen(model), torch.enable_grad():  # also when called from user code under no_grad
             x_adv = self.perturb(model, x, None if y is None else y.detach())
         return x_adv.detach()
 

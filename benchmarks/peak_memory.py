@@ -1,0 +1,69 @@
+"""Benchmark 4: peak memory of a training iteration, EWS vs vanilla (AT and TRADES).
+
+On CUDA: torch.cuda.max_memory_allocated. On the CPU: each configuration runs in its own process and
+reports its peak resident set size (ru_maxrss), minus the same process's RSS after warm-up imports."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+
+import torch
+
+from common import default_device, machine
+
+
+def one(name: str, args) -> float:
+    from advews.defenses import DEFENSES
+    from advews.models import build_model
+
+    device = default_device()
+    torch.manual_seed(0)
+    model = build_model({"arch": args.arch, "num_classes": 10, "in_channels": args.channels}).to(device).train()
+    extra = {"rho": 0.9, "interval": 1} if name.endswith("_EWS") else {}
+    defense = DEFENSES[name](eps=args.eps, step_size=args.eps / 4, steps=10, **extra)
+    defense.setup(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.rand(args.batch, args.channels, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(3):
+        out = defense.training_loss(model, defense.prepare(model, x, y))
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="small_preact_resnet")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--eps", type=float, default=0.3)
+    p.add_argument("--only", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.only:
+        print(one(args.only, args))
+        return
+    print(f"machine: {machine()}")
+    peaks = {}
+    for name in ("AT", "AT_EWS", "TRADES", "TRADES_EWS"):
+        cmd = [sys.executable, __file__, "--only", name, "--arch", args.arch, "--channels", str(args.channels),
+               "--image-size", str(args.image_size), "--batch", str(args.batch), "--eps", str(args.eps)]
+        peaks[name] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+    unit = "MiB allocated on the GPU" if default_device().type == "cuda" else "MiB RSS growth"
+    for base in ("AT", "TRADES"):
+        print(f"{base}_EWS vs {base}: {peaks[base + '_EWS']:.1f} vs {peaks[base]:.1f} {unit}, "
+              f"ratio {peaks[base + '_EWS'] / max(peaks[base], 1e-9):.3f}")
+
+
+if __name__ == "__main__":
+    main()
