@@ -80,3 +80,18 @@ def test_recipe_runs_two_steps(recipe, stand_in, tmp_path):
     assert row["epoch"] == 1 and np.isfinite(row["train_loss"])
     if recipe.endswith("_ews"):
         assert row["train_ews_kl"] > 0
+
+
+ADVERSARIAL = ["AT", "TRADES", "MART", "AT_AWP", "TRADES_AWP", "AT_EWS", "TRADES_EWS", "MART_EWS",
+               "AT_AWP_EWS", "TRADES_AWP_EWS"]
+
+
+@pytest.mark.parametrize("defense", ADVERSARIAL)
+def test_quickstart_switches_defense_with_one_binding(defense, tmp_path):
+    parse_gin(["quickstart.gin"], [f"train.defense = '{defense}'",
+                                   # tiny budget for the test only; the switch itself is the first binding
+                                   "train.epochs = 1", "data.train_limit = 128", "data.val_size = 32",
+                                   "AT.steps = 1", "TRADES.steps = 1", "MART.steps = 1", "train.val_steps = 1"])
+    trainer = Trainer(output_dir=str(tmp_path / "run"), quiet=True)
+    assert trainer.defense.attack.eps == 0.3  # the MNIST threat model, not a CIFAR default
+    trainer.run()

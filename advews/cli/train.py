@@ -41,7 +41,13 @@ def _main(args: argparse.Namespace) -> int:
     if output is None:
         stem = os.path.splitext(os.path.basename(gin_files[-1]))[0] if gin_files else "run"
         output = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    trainer = Trainer(output_dir=output, resume=args.resume, quiet=args.quiet)
+    existed = os.path.exists(output)
+    try:
+        trainer = Trainer(output_dir=output, resume=args.resume, quiet=args.quiet)
+    except AdvewsError:
+        if not existed and os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)  # a run that could not start leaves no empty directory behind
+        raise
     if not trainer.quiet:  # rank 0 only under torchrun
         print(f"run directory: {output}", flush=True)
     trainer.run()
