@@ -1,4 +1,6 @@
-"""advews-eval: clean and robust accuracy of a trained checkpoint under one or several attacks."""
+"""advews-eval: clean and robust accuracy of a model under one or several attacks, its error under
+common corruptions, and how weak its subnets are. The model is an advews-train checkpoint, a zoo
+architecture holding a public state_dict, or any ``module:function`` returning an nn.Module."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ from advews.attacks.autoattack import AA_ATTACKS, VERSIONS
 from advews.attacks.zoo import ZOO
 from advews.cli.common import run_cli
 from advews.errors import AdvewsError
+from advews.evaluation.corruptions import SPEC_FORMS
 from advews.evaluation.worst_case import correct_flags, worst_case
+from advews.models.external import NORMALIZATIONS
 
 NATIVE = ("pgd", "fgsm")
 ATTACKS = NATIVE + tuple(ZOO) + ("autoattack", "none")
@@ -27,15 +31,30 @@ ATTACK_HELP = (
     "is robust only if it survives every attack): pgd, fgsm (advews); cw (Carlini-Wagner L2, projected "
     "onto the eps-ball), apgd-ce, apgd-dlr, square (steps = queries), fab, mifgsm (torchattacks); "
     "autoattack (the reference AutoAttack via pyautoattack; torchattacks' own AutoAttack differs from it "
-    "and is not offered); none: clean accuracy only (default pgd)"
+    "and is not offered); none: clean accuracy only. Default pgd, but none when --corruptions is given "
+    "(name attacks explicitly to run both)"
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advews-eval", description="Evaluate a checkpoint's clean and robust accuracy.")
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a best.pt or last.pt of advews-train")
-    p.add_argument("--attack", default="pgd", help=ATTACK_HELP)
-    p.add_argument("--eps", type=float, help="perturbation budget (default: the one the checkpoint was trained with)")
+    p = argparse.ArgumentParser(
+        prog="advews-eval", description="Evaluate a model's clean and robust accuracy, its corruption error "
+        "or its subnets. The model: exactly one of --checkpoint, --arch with --weights, or --model.")
+    p.add_argument("--checkpoint", metavar="PATH", help="a best.pt or last.pt of advews-train")
+    p.add_argument("--arch", metavar="NAME", help="zoo architecture to load --weights into (a model trained "
+                   "elsewhere; needs --data, and --eps for attacks)")
+    p.add_argument("--weights", metavar="FILE", help="a state_dict file for --arch (torch.load weights_only; "
+                   "kuangliu, torchvision and TRADES/RobustBench WRN key names are mapped)")
+    p.add_argument("--normalization", choices=tuple(NORMALIZATIONS), help="input normalization the --weights "
+                   "were trained with (default: that of --data dataset:NAME; required with npz data)")
+    p.add_argument("--num-classes", type=int, metavar="N",
+                   help="outputs of --arch (default: the --data dataset's classes, else 10)")
+    p.add_argument("--model", metavar="MODULE:FUNCTION", help="any model: FUNCTION() of MODULE (importable "
+                   "from the current directory) returns an nn.Module taking [0, 1] pixels; needs --data, "
+                   "and --eps for attacks")
+    p.add_argument("--attack", help=ATTACK_HELP)
+    p.add_argument("--eps", type=float, help="perturbation budget (default: the one the checkpoint was trained "
+                   "with; required for attacks on --arch/--model)")
     p.add_argument("--steps", type=int, help="attack iterations (default 20 for pgd, else each attack's own: "
                    "cw 50, apgd 100, fab 100, square 5000 queries, mifgsm 10)")
     p.add_argument("--step-size", type=float, help="attack step size (default pgd 2.5 * eps / steps, mifgsm eps / steps)")
@@ -43,8 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=1, help="random restarts of pgd, apgd-*, square, fab (default 1)")
     p.add_argument("--n-examples", type=int, help="evaluate the first N examples only")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--data", metavar="SPEC", help="test data: default the checkpoint dataset's test split; "
-                   "npz:FILE for arrays x (N x H x W x C uint8) and y (N ints)")
+    p.add_argument("--data", metavar="SPEC", help="test data: default the checkpoint dataset's test split "
+                   "(required for --arch/--model); npz:FILE for arrays x (N x H x W x C uint8) and y (N ints); "
+                   "dataset:NAME[:ROOT] for the test split of a registered dataset (cifar10, mnist5k, ...)")
+    p.add_argument("--corruptions", metavar="SPEC", help=f"common-corruption benchmark, one of {SPEC_FORMS}: "
+                   "CIFAR-C arrays or ImageNet-C folders in DIR, or corruptions generated from the test data "
+                   "(--n-examples of them, cached); prints errors per corruption and severity, JSON under "
+                   "'corruptions'")
+    p.add_argument("--cache-dir", metavar="DIR", help="cache of generated corruptions (default: "
+                   "corruption_cache next to the checkpoint, else in the current directory)")
     p.add_argument("--seed", type=int, default=0, help="seed of the attacks' randomness; every attack starts "
                    "from it, so its numbers do not depend on the other attacks run (default 0)")
     p.add_argument("--version", choices=VERSIONS, default="standard",
@@ -58,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "AutoAttack stage, worst case) and labels to an HDF5 file (refuses to overwrite)")
     p.add_argument("--device", default="auto")
     p.add_argument("--analysis", choices=("subnets",), help="subnets: accuracy of the full net and of "
-                   "subnets from each search strategy (adversarial examples computed against the full net)")
+                   "subnets from each search strategy (adversarial examples computed against the full net), "
+                   "and the error with one block thinned at a time; draws the paper's Fig. 1 and Fig. 7 into "
+                   "<output stem>_fig1.png and _fig7.png (without --output: subnets_fig1.png and "
+                   "subnets_fig7.png next to the checkpoint; PNGs are overwritten)")
     p.add_argument("--rho", type=float, default=0.7, help="subnet width for --analysis subnets (default 0.7)")
     p.add_argument("--n-subnets", type=int, default=50, help="subnets drawn per strategy (default 50)")
     p.add_argument("--search", default="random,controller,l1", help="comma-separated strategies to analyse")
@@ -67,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search-lr", type=float, default=3e-3, help="controller learning rate for the analysis")
     p.add_argument("--search-bn", choices=("eval", "train"), default="eval",
                    help="BN mode of the controller's reward during the analysis search (default eval)")
+    p.add_argument("--bn-modes", default="eval,train", metavar="LIST",
+                   help="BN modes subnets are scored in: eval (running statistics, as a deployed net runs: "
+                   "the primary numbers, at the JSON's top level and in Fig. 7) and train (batch statistics: "
+                   "'bn_train' in the JSON); 'eval' alone halves the scoring time (default eval,train)")
+    p.add_argument("--eval-batch-size", type=int, metavar="N", help="rows per forward when subnets are "
+                   "scored with BN in eval mode, where it changes only the speed (default --batch-size; "
+                   "on 2 CPU cores batches beyond ~256 MNIST digits ran slower, not faster)")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON (refuses to overwrite)")
     p.add_argument("--force", action="store_true", help="allow --output and --hdf5 to overwrite existing files")
     return p
@@ -74,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Data options that shape only the training split: evaluation never reloads the extra data.
 TRAIN_ONLY_DATA = ("train_limit", "extra_data", "extra_fraction", "allow_pickle")
+DATA_FORMS = "npz:FILE or dataset:NAME[:ROOT]"
+# Fig. 7 draws every sampled subnet as a dot: more than this many per block add time, not insight.
+MAX_BLOCK_SAMPLES = 20
 
 
 def load_npz(path: str):
@@ -92,15 +131,93 @@ def load_npz(path: str):
     return ArrayDataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
 
 
-def load_eval_data(spec: Optional[str], data_spec: Dict[str, Any]):
-    if spec is None:
-        from advews.data import load_data
+def dataset_args(spec: str) -> Dict[str, str]:
+    """``load_data`` arguments of a ``dataset:NAME[:ROOT]`` spec."""
+    name, _, root = spec[len("dataset:"):].partition(":")
+    if not name:
+        raise AdvewsError(f"bad --data {spec!r}; use dataset:NAME[:ROOT], e.g. dataset:cifar10:data")
+    return {"dataset": name, **({"root": root} if root else {})}
 
-        kwargs = {k: v for k, v in data_spec.items() if k not in TRAIN_ONLY_DATA}
-        return load_data(**kwargs).test
+
+def load_eval_data(spec: Optional[str], data_spec: Dict[str, Any]):
+    """The test data: ``--data``, else the test split of the checkpoint's dataset (``data_spec``)."""
+    from advews.data import load_data
+
+    if spec is None:
+        if not data_spec:
+            raise AdvewsError(f"--data is required without --checkpoint (there is no training dataset): {DATA_FORMS}")
+        return load_data(**{k: v for k, v in data_spec.items() if k not in TRAIN_ONLY_DATA}).test
     if spec.startswith("npz:"):
         return load_npz(spec[4:])
-    raise AdvewsError(f"bad --data {spec!r}; use npz:FILE or leave it out for the checkpoint's test split")
+    if spec.startswith("dataset:"):
+        return load_data(**dataset_args(spec)).test
+    raise AdvewsError(f"bad --data {spec!r}; use {DATA_FORMS}, or leave it out for the checkpoint's test split")
+
+
+def check_model_source(args: argparse.Namespace) -> None:
+    """Exactly one model: --checkpoint, --arch with --weights, or --model."""
+    sources = (("--checkpoint", args.checkpoint), ("--arch/--weights", args.arch or args.weights), ("--model", args.model))
+    given = [flag for flag, value in sources if value]
+    if len(given) != 1:
+        raise AdvewsError(f"give exactly one model: --checkpoint PATH, --arch NAME --weights FILE or --model "
+                          f"MODULE:FUNCTION (got {' and '.join(given) or 'none'})")
+    if bool(args.arch) != bool(args.weights):
+        raise AdvewsError(f"--arch and --weights go together, got only {'--arch' if args.arch else '--weights'}")
+    if not args.arch and (args.normalization or args.num_classes is not None):
+        raise AdvewsError("--normalization and --num-classes describe --arch/--weights models; "
+                          "a checkpoint or --model fixes its own")
+
+
+def external_defaults(args: argparse.Namespace) -> Tuple[str, int]:
+    """--normalization and --num-classes of an --arch model: the flags, else those of --data dataset:NAME."""
+    from advews.data import get_dataset
+
+    spec = get_dataset(dataset_args(args.data)["dataset"]) if args.data.startswith("dataset:") else None
+    normalization = args.normalization
+    if normalization is None and spec is not None:
+        normalization = next((name for name, stats in NORMALIZATIONS.items() if stats is not None and
+                              tuple(stats[0]) == tuple(spec.mean) and tuple(stats[1]) == tuple(spec.std)), None)
+        if normalization is None and set(spec.mean) == {0.0} and set(spec.std) == {1.0}:
+            normalization = "none"
+    if normalization is None:
+        raise AdvewsError(f"--normalization is required for --data {args.data!r}: the input normalization the "
+                          f"weights were trained with, one of {', '.join(NORMALIZATIONS)}")
+    num_classes = args.num_classes if args.num_classes is not None else spec.num_classes if spec else 10
+    return normalization, num_classes
+
+
+def load_model(args: argparse.Namespace, state: Dict[str, Any], data: Any) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The model to evaluate, and the entries that name it in the JSON."""
+    from advews.models import build_model
+    from advews.models.external import load_external, load_module
+
+    if args.checkpoint:
+        model = build_model(state["model_spec"])
+        model.load_state_dict(state["model"])
+        return model, {"checkpoint": args.checkpoint, "epoch": state.get("epoch")}
+    if args.model:
+        if os.getcwd() not in sys.path:  # the user's own module, as advews-train finds it
+            sys.path.insert(0, os.getcwd())
+        return load_module(args.model), {"model": args.model}
+    normalization, num_classes = external_defaults(args)
+    model = load_external(args.arch, args.weights, num_classes=num_classes, in_channels=data.image_shape[0],
+                          normalization=normalization)
+    return model, {"arch": args.arch, "weights": args.weights, "normalization": normalization,
+                   "num_classes": num_classes}
+
+
+def describe(info: Dict[str, Any]) -> str:
+    """The model as the reports name it."""
+    if "checkpoint" in info:
+        return f"{info['checkpoint']} (epoch {info['epoch']})"
+    if "arch" in info:
+        return f"{info['arch']} with {info['weights']} (normalization {info['normalization']})"
+    return info["model"]
+
+
+def home_dir(args: argparse.Namespace) -> str:
+    """Where derived files go by default: the checkpoint's directory, else the current one."""
+    return os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd()
 
 
 def parse_attacks(spec: str) -> List[str]:
@@ -134,6 +251,9 @@ def autoattack_cascade(args: argparse.Namespace, names: List[str]) -> Optional[L
 def threat_model(args: argparse.Namespace, threat: Dict[str, Any]) -> Tuple[float, str]:
     """eps and norm: the flags, else the ones the checkpoint was trained with."""
     eps = args.eps if args.eps is not None else threat.get("eps")
+    if eps is None and not args.checkpoint:
+        raise AdvewsError("--eps is required to attack a model without --checkpoint (no training threat model); "
+                          "or use --attack none")
     if eps is None:
         raise AdvewsError("--eps is required: the checkpoint records no training threat model")
     return eps, args.norm or threat.get("norm", "Linf")
@@ -165,7 +285,6 @@ def make_attack(name: str, args: argparse.Namespace, eps: float, norm: str, casc
 def _main(args: argparse.Namespace) -> int:
     from advews.engine.checkpoint import load_checkpoint
     from advews.engine.trainer import resolve_device
-    from advews.models import build_model
 
     for path, flag in ((args.output, "--output"), (args.hdf5, "--hdf5")):
         if path and os.path.exists(path) and not args.force:
@@ -174,33 +293,43 @@ def _main(args: argparse.Namespace) -> int:
         raise AdvewsError(f"--n-examples must be >= 1, got {args.n_examples}")
     if args.batch_size < 1:
         raise AdvewsError(f"--batch-size must be >= 1, got {args.batch_size}")
-    names = parse_attacks(args.attack)
+    check_model_source(args)
+    attack_spec = args.attack if args.attack is not None else "none" if args.corruptions else "pgd"
+    names = parse_attacks(attack_spec)
     cascade = autoattack_cascade(args, names)
-    if args.analysis == "subnets" and (len(names) > 1 or names == ["autoattack"] or args.hdf5):
-        raise AdvewsError(f"--analysis subnets takes one --attack other than autoattack and no --hdf5, "
-                          f"got --attack {args.attack!r}")
+    if args.analysis == "subnets" and (args.hdf5 or args.corruptions):
+        raise AdvewsError(f"--analysis subnets cannot be combined with {'--hdf5' if args.hdf5 else '--corruptions'}; "
+                          "run them separately")
+    if args.analysis == "subnets" and (len(names) > 1 or names == ["autoattack"]):
+        raise AdvewsError(f"--analysis subnets takes one --attack other than autoattack, got {attack_spec!r}")
     device = resolve_device(args.device)
-    state = load_checkpoint(args.checkpoint, map_location=device)
-    if "model_spec" not in state:
-        raise AdvewsError(f"{args.checkpoint} is not an advews checkpoint (no model_spec)")
+    state: Dict[str, Any] = {}
+    if args.checkpoint:
+        state = load_checkpoint(args.checkpoint, map_location=device)
+        if "model_spec" not in state:
+            raise AdvewsError(f"{args.checkpoint} is not an advews checkpoint (no model_spec)")
     attacks: Dict[str, Any] = {}
     params: Dict[str, Dict[str, Any]] = {}
     if names != ["none"]:
         eps, norm = threat_model(args, state.get("threat_model") or {})
         for name in names:
             attacks[name], params[name] = make_attack(name, args, eps, norm, cascade)
-    model = build_model(state["model_spec"]).to(device)
-    model.load_state_dict(state["model"])
     data = load_eval_data(args.data, state.get("data_spec", {}))
+    model, info = load_model(args, state, data)
+    model = model.to(device)
     if args.n_examples is not None:
         data = data.subset(torch.arange(min(args.n_examples, len(data))))
     torch.manual_seed(args.seed)
     start = time.time()
     if args.analysis == "subnets":
-        result = run_subnet_analysis(args, model, data, attacks.get(names[0]), params.get(names[0], {}), state, device)
+        result = run_subnet_analysis(args, model, data, attacks.get(names[0]), params.get(names[0], {}),
+                                     state, info, attack_spec, device)
         result["seconds"] = round(time.time() - start, 2)
         write_json(args, result)
+        for path in draw_subnet_figures(args, result, info):
+            print(f"wrote {path}")
         return 0
+    corruptions = run_corruptions(args, model, data, device) if args.corruptions else None
     clean, robust, entries, stages = evaluate(args, model, data, attacks, params, device)
     shared: Dict[str, Any] = {}  # one attack keeps its parameters at the top level, as before lists existed
     if len(params) == 1:
@@ -208,14 +337,14 @@ def _main(args: argparse.Namespace) -> int:
     elif params:
         shared = {"eps": eps, "norm": norm}
     result = {
-        "checkpoint": args.checkpoint,
-        "epoch": state.get("epoch"),
-        "attack": args.attack,
+        **info,
+        "attack": attack_spec,
         **shared,
         "clean_acc": _fraction(clean),
         "robust_acc": _fraction(worst_case(robust)) if robust else None,
         "n_examples": len(clean),
         "attacks": entries,
+        **({"corruptions": corruptions} if corruptions else {}),
         "seconds": round(time.time() - start, 2),
     }
     if args.hdf5:
@@ -223,11 +352,28 @@ def _main(args: argparse.Namespace) -> int:
 
         labels = torch.cat([y for _, y in data.batches(args.batch_size)])
         save_per_example(args.hdf5, labels=labels, clean=clean, robust=robust, params=params, stages=stages,
-                         attrs={"seed": args.seed, **{k: result[k] for k in ("checkpoint", "epoch", "attack", "n_examples")}})
+                         attrs={"seed": args.seed, **info, **{k: result[k] for k in ("attack", "n_examples")}})
         result["hdf5"] = args.hdf5
-    print_report(result, names)
+    print_report(result, names, info)
+    if corruptions:
+        from advews.evaluation.corruptions import format_table
+
+        print(format_table(corruptions))
     write_json(args, result)
     return 0
+
+
+def run_corruptions(
+    args: argparse.Namespace, model: torch.nn.Module, data: Any, device: torch.device,
+) -> Dict[str, Any]:
+    """The --corruptions benchmark; generated ones are made from ``data`` (the first --n-examples of the
+    test split) and cached. Run before the attacks, so a bad spec fails before anything slow."""
+    from advews.evaluation.corruptions import run_corruption_benchmark
+
+    cache_dir = args.cache_dir or os.path.join(home_dir(args), "corruption_cache")
+    return run_corruption_benchmark(model, args.corruptions, default_dataset=data, cache_dir=cache_dir,
+                                    batch_size=args.batch_size, device=device, n_examples=args.n_examples,
+                                    seed=args.seed)
 
 
 def evaluate(
@@ -283,15 +429,15 @@ def _format_params(params: Dict[str, Any]) -> str:
     return " ".join(f"{k}={show(v)}" for k, v in params.items())
 
 
-def print_report(result: Dict[str, Any], names: List[str]) -> None:
+def print_report(result: Dict[str, Any], names: List[str], info: Dict[str, Any]) -> None:
     """One attack other than autoattack: the classic lines. Otherwise a table with a row per attack,
     per AutoAttack stage, and the per-point worst case over all of them."""
-    print(f"{'checkpoint':<12}{result['checkpoint']} (epoch {result['epoch']})")
+    print(f"{'checkpoint' if 'checkpoint' in info else 'model':<12}{describe(info)}")
     print(f"{'examples':<12}{result['n_examples']}")
     attacks = result["attacks"]
     if len(names) == 1 and names != ["autoattack"]:
         params = {k: v for k, v in attacks.get(names[0], {}).items() if k not in ("robust_acc", "seconds")}
-        print(f"{'attack':<12}{names[0]} {_format_params(params)}")
+        print(f"{'attack':<12}{names[0]} {_format_params(params)}".rstrip())
         print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
         if result["robust_acc"] is not None:
             print(f"{'robust acc':<12}{100 * result['robust_acc']:.2f}%")
@@ -315,21 +461,37 @@ def write_json(args: argparse.Namespace, result: Dict[str, Any]) -> None:
             json.dump(result, f, indent=2)
 
 
-def run_subnet_analysis(args, model, test, attack, params, state, device) -> Dict[str, Any]:
+def run_subnet_analysis(
+    args: argparse.Namespace, model: torch.nn.Module, test: Any, attack: Any, params: Dict[str, Any],
+    state: Dict[str, Any], info: Dict[str, Any], attack_spec: str, device: torch.device,
+) -> Dict[str, Any]:
+    """--analysis subnets: the search trains on the validation split of the checkpoint's dataset (or of
+    --data dataset:NAME), subnets are judged on ``test``; prints the tables and returns the JSON."""
     from advews.data import load_data
-    from advews.evaluation.subnet_analysis import STRATEGIES, analyze_subnets
+    from advews.evaluation.subnet_analysis import BN_MODES, STRATEGIES, analyze_subnets
 
     strategies = [s for s in args.search.split(",") if s]
     bad = [s for s in strategies if s not in STRATEGIES]
     if bad or not strategies:
         raise AdvewsError(f"bad --search {args.search!r}; use a comma-separated list of {', '.join(STRATEGIES)}")
+    bn_modes = [m for m in args.bn_modes.split(",") if m]
+    if not bn_modes or any(m not in BN_MODES for m in bn_modes) or len(set(bn_modes)) != len(bn_modes):
+        raise AdvewsError(f"bad --bn-modes {args.bn_modes!r}; use eval, train or eval,train")
     if not 0 < args.rho <= 1:
         raise AdvewsError(f"--rho must be in (0, 1], got {args.rho}")
     if args.n_subnets < 1:
         raise AdvewsError(f"--n-subnets must be >= 1, got {args.n_subnets}")
     if args.search_updates < 0:
         raise AdvewsError(f"--search-updates must be >= 0, got {args.search_updates}")
-    bundle_spec = {k: v for k, v in state.get("data_spec", {}).items() if k not in TRAIN_ONLY_DATA}
+    if args.eval_batch_size is not None and args.eval_batch_size < 1:
+        raise AdvewsError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
+    if state:
+        bundle_spec = {k: v for k, v in state.get("data_spec", {}).items() if k not in TRAIN_ONLY_DATA}
+    elif args.data.startswith("dataset:"):
+        bundle_spec = dataset_args(args.data)
+    else:
+        raise AdvewsError("--analysis subnets trains its search on a validation split: use --checkpoint or "
+                          "--data dataset:NAME[:ROOT], not npz data")
     search_data = load_data(**bundle_spec).val if bundle_spec else None
     if search_data is None:
         raise AdvewsError("--analysis subnets needs the checkpoint's validation split to train the search on")
@@ -341,17 +503,44 @@ def run_subnet_analysis(args, model, test, attack, params, state, device) -> Dic
     result = analyze_subnets(
         model, tensors(search_data), tensors(test), attack, args.rho, n_subnets=args.n_subnets,
         strategies=strategies, search_updates=args.search_updates, search_lr=args.search_lr,
-        search_bn=args.search_bn, batch_size=args.batch_size, seed=args.seed,
+        search_bn=args.search_bn, batch_size=args.batch_size, seed=args.seed, bn_modes=bn_modes,
+        eval_batch_size=args.eval_batch_size, block_samples=min(args.n_subnets, MAX_BLOCK_SAMPLES),
     )
-    result = {"checkpoint": args.checkpoint, "epoch": state.get("epoch"), "attack": args.attack, **params, **result}
-    print(f"subnet analysis of {args.checkpoint} (epoch {state.get('epoch')}), rho {args.rho}, "
-          f"{result['n_examples']} test examples, BN eval mode")
-    print(f"{'':<12}{'clean mean':>11}{'robust mean':>12}{'p10':>8}{'median':>8}{'p90':>8}")
-    for name in ["full"] + strategies:
-        c, r = result[name]["clean"], result[name]["robust"]
-        print(f"{name:<12}{100 * c['mean']:>10.2f}%{100 * r['mean']:>11.2f}%"
-              f"{100 * r['p10']:>7.1f}%{100 * r['median']:>7.1f}%{100 * r['p90']:>7.1f}%")
+    result = {**info, "attack": attack_spec, **params, **result}
+    print(f"subnet analysis of {describe(info)}, rho {args.rho}, {result['n_examples']} test examples")
+    for mode in bn_modes:
+        per_mode = result if mode == "eval" else result["bn_train"]
+        print(f"{'BN ' + mode:<12}{'clean mean':>11}{'robust mean':>12}{'p10':>8}{'median':>8}{'p90':>8}")
+        rows = (["full"] if mode == "eval" else []) + strategies
+        for name in rows:
+            c, r = per_mode[name]["clean"], per_mode[name]["robust"]
+            print(f"{name:<12}{100 * c['mean']:>10.2f}%{100 * r['mean']:>11.2f}%"
+                  f"{100 * r['p10']:>7.1f}%{100 * r['median']:>7.1f}%{100 * r['p90']:>7.1f}%")
+    blocks = result["block_vulnerability"]
+    kind = "robust" if "robust" in blocks["full"] else "clean"
+    print(f"{kind} error with one block thinned (BN eval, {blocks['n_samples']} subnets per block; "
+          f"full net {100 * blocks['full'][kind]:.1f}%): " + ", ".join(
+              f"{b['name']} {100 * b[kind]['mean']:.1f}%" for b in blocks["blocks"]))
     return result
+
+
+def draw_subnet_figures(args: argparse.Namespace, result: Dict[str, Any], info: Dict[str, Any]) -> List[str]:
+    """Fig. 1 (random-subnet boxes, when random was analysed) and Fig. 7 (block vulnerability), next to
+    --output as <stem>_fig1.png / _fig7.png, else as subnets_fig*.png in the checkpoint's directory."""
+    from advews.evaluation.plots import plot_block_vulnerability, plot_subnet_boxes
+
+    stem = os.path.splitext(args.output)[0] if args.output else os.path.join(home_dir(args), "subnets")
+    if args.checkpoint:  # the run directory names the model
+        label = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+    else:
+        label = info.get("arch") or info["model"]
+    written = []
+    if "random" in result or "random" in result.get("bn_train", {}):
+        written.append(f"{stem}_fig1.png")
+        plot_subnet_boxes([(label, result)], written[-1])
+    written.append(f"{stem}_fig7.png")
+    plot_block_vulnerability(result["block_vulnerability"], written[-1])
+    return written
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -33,10 +33,10 @@ class WeakSubnetSearch:
         self.rho = rho
 
     def sample(self) -> Subnet:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract
 
     def update(self, score: Score) -> Dict[str, float]:
-        raise NotImplementedError
+        raise NotImplementedError  # abstract
 
     def state_dict(self) -> Dict:
         return {}
