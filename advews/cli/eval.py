@@ -20,7 +20,8 @@ from advews.attacks.zoo import ZOO
 from advews.cli.common import run_cli
 from advews.errors import AdvewsError
 from advews.evaluation.corruptions import SPEC_FORMS
-from advews.evaluation.worst_case import correct_flags, worst_case
+from advews.evaluation.robust import correct_flags
+from advews.evaluation.worst_case import worst_case
 from advews.models.external import NORMALIZATIONS
 
 NATIVE = ("pgd", "fgsm")

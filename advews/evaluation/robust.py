@@ -1,4 +1,4 @@
-"""Clean and robust accuracy of a model on a dataset."""
+"""Per-example correctness and clean / robust accuracy of a model on a dataset."""
 
 from __future__ import annotations
 
@@ -15,6 +15,38 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model(x).argmax(1)
 
 
+def correct_flags(
+    model: nn.Module,
+    dataset,
+    attack: Optional[Attack] = None,
+    *,
+    batch_size: int = 256,
+    device: Optional[torch.device] = None,
+    with_clean: bool = False,
+):
+    """Per-example bool on the CPU, in dataset order: classified correctly clean, and with ``attack``
+    also after it (a point is robust only if it is correct both ways: the per-point worst case).
+    ``with_clean`` also returns the clean flags of the same pass, as ``(clean, robust)``.
+
+    The model is evaluated in eval mode and left in the mode it came in.
+    """
+    was_training = model.training
+    model.eval()
+    clean, robust = [], []
+    try:
+        for x, y in dataset.batches(batch_size, device=device):
+            ok = _predict(model, x) == y
+            clean.append(ok.cpu())
+            if attack is not None:
+                ok = ok & (_predict(model, attack(model, x, y)) == y)
+            robust.append(ok.cpu())
+    finally:
+        model.train(was_training)
+    empty = torch.zeros(0, dtype=torch.bool)
+    robust_flags = torch.cat(robust) if robust else empty
+    return ((torch.cat(clean) if clean else empty), robust_flags) if with_clean else robust_flags
+
+
 def robust_accuracy(
     model: nn.Module,
     dataset,
@@ -22,24 +54,10 @@ def robust_accuracy(
     batch_size: int = 256,
     device: Optional[torch.device] = None,
 ) -> Dict[str, float]:
-    """Clean accuracy and, with an attack, robust accuracy (a point counts as robust only if it is
-    classified correctly both clean and attacked: the per-point worst case).
-
-    The model is evaluated in eval mode and left in the mode it came in."""
-    was_training = model.training
-    model.eval()
-    clean = robust = total = 0
-    try:
-        for x, y in dataset.batches(batch_size, device=device):
-            ok = _predict(model, x) == y
-            clean += int(ok.sum())
-            if attack is not None:
-                x_adv = attack(model, x, y)
-                robust += int((ok & (_predict(model, x_adv) == y)).sum())
-            total += len(y)
-    finally:
-        model.train(was_training)
-    out = {"clean_acc": clean / max(total, 1), "n_examples": total}
+    """Clean accuracy and, with an attack, robust accuracy (the per-point worst case)."""
+    clean, robust = correct_flags(model, dataset, attack, batch_size=batch_size, device=device, with_clean=True)
+    n = len(clean)
+    out = {"clean_acc": float(clean.sum()) / max(n, 1), "n_examples": n}
     if attack is not None:
-        out["robust_acc"] = robust / max(total, 1)
+        out["robust_acc"] = float(robust.sum()) / max(n, 1)
     return out
