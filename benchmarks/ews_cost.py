@@ -30,46 +30,61 @@ def timed(device, fn):
     return out, time.perf_counter() - start
 
 
-def measure(name: str, args, device) -> dict:
-    torch.manual_seed(0)
-    model = build_model({"arch": args.arch, "num_classes": 10, "in_channels": args.channels}).to(device).train()
-    eps = {"eps": args.eps, "step_size": args.eps / 4, "steps": args.steps}
-    extra = {"rho": 0.9, "interval": args.interval} if name.endswith("_EWS") else {}
-    defense = DEFENSES[name](**eps, **extra)
-    defense.setup(model)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.rand(args.batch, args.channels, args.image_size, args.image_size, device=device)
-    y = torch.randint(0, 10, (args.batch,), device=device)
-    parts = {"attack": [], "train_step": [], "total": []}
-    ews = name.endswith("_EWS")
-    updates = []
-    if ews:  # time the controller update separately (it runs inside training_loss every K iterations)
-        update = defense.search.update
+class Runner:
+    """One defense on its own copy of the same model and batch; ``step()`` times one iteration."""
 
-        def timed_update(score):
-            out, t = timed(device, lambda: update(score))
-            updates.append(t)
-            return out
+    def __init__(self, name: str, args, device):
+        torch.manual_seed(0)
+        self.device = device
+        self.model = build_model({"arch": args.arch, "num_classes": 10, "in_channels": args.channels}).to(device).train()
+        eps = {"eps": args.eps, "step_size": args.eps / 4, "steps": args.steps}
+        extra = {"rho": 0.9, "interval": args.interval} if name.endswith("_EWS") else {}
+        self.defense = DEFENSES[name](**eps, **extra)
+        self.defense.setup(self.model)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.x = torch.rand(args.batch, args.channels, args.image_size, args.image_size, device=device)
+        self.y = torch.randint(0, 10, (args.batch,), device=device)
+        self.parts = {"attack": [], "train_step": [], "total": []}
+        self.updates: list = []
+        if name.endswith("_EWS"):  # time the controller update (it runs inside training_loss every K steps)
+            update = self.defense.search.update
 
-        defense.search.update = timed_update
-    for i in range(args.warmup + args.iters):
+            def timed_update(score):
+                out, t = timed(device, lambda: update(score))
+                self.updates.append(t)
+                return out
+
+            self.defense.search.update = timed_update
+
+    def step(self, record: bool) -> None:
         start = time.perf_counter()
-        batch, t_attack = timed(device, lambda: defense.prepare(model, x, y))
+        batch, t_attack = timed(self.device, lambda: self.defense.prepare(self.model, self.x, self.y))
 
-        def step():
-            out = defense.training_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
+        def train():
+            out = self.defense.training_loss(self.model, batch)
+            self.opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            opt.step()
+            self.opt.step()
 
-        _, t_step = timed(device, step)
-        if i >= args.warmup:
-            parts["attack"].append(t_attack)
-            parts["train_step"].append(t_step)
-            parts["total"].append(time.perf_counter() - start)
-    res = {k: statistics.median(v) for k, v in parts.items()}
-    res["controller_update"] = (sum(updates) / (args.warmup + args.iters)) if ews else 0.0
-    return res
+        _, t_step = timed(self.device, train)
+        if record:
+            self.parts["attack"].append(t_attack)
+            self.parts["train_step"].append(t_step)
+            self.parts["total"].append(time.perf_counter() - start)
+
+    def result(self, iterations: int) -> dict:
+        res = {k: statistics.median(v) for k, v in self.parts.items()}
+        res["controller_update"] = sum(self.updates) / iterations
+        return res
+
+
+def measure_pair(base: str, args, device):
+    """Vanilla and EWS iterations interleaved, so drifts in machine load hit both alike."""
+    runners = [Runner(base, args, device), Runner(f"{base}_EWS", args, device)]
+    for i in range(args.warmup + args.iters):
+        for r in runners:
+            r.step(record=i >= args.warmup)
+    return [r.result(args.warmup + args.iters) for r in runners]
 
 
 def subnet_step_cost(args, device) -> float:
@@ -103,7 +118,7 @@ def main() -> None:
           f"PGD-{args.steps}, EWS K={args.interval} rho=0.9; medians over {args.iters} iterations")
     fb = subnet_step_cost(args, device)
     for base in ("AT", "TRADES"):
-        vanilla, ews = measure(base, args, device), measure(f"{base}_EWS", args, device)
+        vanilla, ews = measure_pair(base, args, device)
         subnet = ews["train_step"] - vanilla["train_step"] - ews["controller_update"]
         views = 2 if base == "TRADES" else 1
         floor = 1 + views * fb / vanilla["total"]
