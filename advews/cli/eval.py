@@ -12,12 +12,13 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 
 from advews.attacks.autoattack import AA_ATTACKS, VERSIONS
 from advews.attacks.zoo import ZOO
 from advews.cli.common import run_cli
+from advews.cli.eval_sources import check_model_source, describe, home_dir, load_eval_data, load_model
+from advews.cli.eval_subnets import draw_subnet_figures, run_subnet_analysis
 from advews.errors import AdvewsError
 from advews.evaluation.corruptions import SPEC_FORMS
 from advews.evaluation.robust import correct_flags
@@ -107,118 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="write the results as JSON (refuses to overwrite)")
     p.add_argument("--force", action="store_true", help="allow --output and --hdf5 to overwrite existing files")
     return p
-
-
-# Data options that shape only the training split: evaluation never reloads the extra data.
-TRAIN_ONLY_DATA = ("train_limit", "extra_data", "extra_fraction", "allow_pickle")
-DATA_FORMS = "npz:FILE or dataset:NAME[:ROOT]"
-# Fig. 7 draws every sampled subnet as a dot: more than this many per block add time, not insight.
-MAX_BLOCK_SAMPLES = 20
-
-
-def load_npz(path: str):
-    from advews.data import ArrayDataset
-
-    if not os.path.isfile(path):
-        raise AdvewsError(f"--data npz file not found: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        if "x" not in f or "y" not in f:
-            raise AdvewsError(f"{path} must hold arrays 'x' and 'y', found {', '.join(f.files) or 'none'}")
-        x, y = f["x"], f["y"]
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise AdvewsError(f"{path}: x must be N x H x W x C uint8, got {x.dtype} with shape {x.shape}")
-    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
-        raise AdvewsError(f"{path}: y must be {len(x)} integers, got {y.dtype} with shape {y.shape}")
-    return ArrayDataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
-
-
-def dataset_args(spec: str) -> Dict[str, str]:
-    """``load_data`` arguments of a ``dataset:NAME[:ROOT]`` spec."""
-    name, _, root = spec[len("dataset:"):].partition(":")
-    if not name:
-        raise AdvewsError(f"bad --data {spec!r}; use dataset:NAME[:ROOT], e.g. dataset:cifar10:data")
-    return {"dataset": name, **({"root": root} if root else {})}
-
-
-def load_eval_data(spec: Optional[str], data_spec: Dict[str, Any]):
-    """The test data: ``--data``, else the test split of the checkpoint's dataset (``data_spec``)."""
-    from advews.data import load_data
-
-    if spec is None:
-        if not data_spec:
-            raise AdvewsError(f"--data is required without --checkpoint (there is no training dataset): {DATA_FORMS}")
-        return load_data(**{k: v for k, v in data_spec.items() if k not in TRAIN_ONLY_DATA}).test
-    if spec.startswith("npz:"):
-        return load_npz(spec[4:])
-    if spec.startswith("dataset:"):
-        return load_data(**dataset_args(spec)).test
-    raise AdvewsError(f"bad --data {spec!r}; use {DATA_FORMS}, or leave it out for the checkpoint's test split")
-
-
-def check_model_source(args: argparse.Namespace) -> None:
-    """Exactly one model: --checkpoint, --arch with --weights, or --model."""
-    sources = (("--checkpoint", args.checkpoint), ("--arch/--weights", args.arch or args.weights), ("--model", args.model))
-    given = [flag for flag, value in sources if value]
-    if len(given) != 1:
-        raise AdvewsError(f"give exactly one model: --checkpoint PATH, --arch NAME --weights FILE or --model "
-                          f"MODULE:FUNCTION (got {' and '.join(given) or 'none'})")
-    if bool(args.arch) != bool(args.weights):
-        raise AdvewsError(f"--arch and --weights go together, got only {'--arch' if args.arch else '--weights'}")
-    if not args.arch and (args.normalization or args.num_classes is not None):
-        raise AdvewsError("--normalization and --num-classes describe --arch/--weights models; "
-                          "a checkpoint or --model fixes its own")
-
-
-def external_defaults(args: argparse.Namespace) -> Tuple[str, int]:
-    """--normalization and --num-classes of an --arch model: the flags, else those of --data dataset:NAME."""
-    from advews.data import get_dataset
-
-    spec = get_dataset(dataset_args(args.data)["dataset"]) if args.data.startswith("dataset:") else None
-    normalization = args.normalization
-    if normalization is None and spec is not None:
-        normalization = next((name for name, stats in NORMALIZATIONS.items() if stats is not None and
-                              tuple(stats[0]) == tuple(spec.mean) and tuple(stats[1]) == tuple(spec.std)), None)
-        if normalization is None and set(spec.mean) == {0.0} and set(spec.std) == {1.0}:
-            normalization = "none"
-    if normalization is None:
-        raise AdvewsError(f"--normalization is required for --data {args.data!r}: the input normalization the "
-                          f"weights were trained with, one of {', '.join(NORMALIZATIONS)}")
-    num_classes = args.num_classes if args.num_classes is not None else spec.num_classes if spec else 10
-    return normalization, num_classes
-
-
-def load_model(args: argparse.Namespace, state: Dict[str, Any], data: Any) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """The model to evaluate, and the entries that name it in the JSON."""
-    from advews.models import build_model
-    from advews.models.external import load_external, load_module
-
-    if args.checkpoint:
-        model = build_model(state["model_spec"])
-        model.load_state_dict(state["model"])
-        return model, {"checkpoint": args.checkpoint, "epoch": state.get("epoch")}
-    if args.model:
-        if os.getcwd() not in sys.path:  # the user's own module, as advews-train finds it
-            sys.path.insert(0, os.getcwd())
-        return load_module(args.model), {"model": args.model}
-    normalization, num_classes = external_defaults(args)
-    model = load_external(args.arch, args.weights, num_classes=num_classes, in_channels=data.image_shape[0],
-                          normalization=normalization)
-    return model, {"arch": args.arch, "weights": args.weights, "normalization": normalization,
-                   "num_classes": num_classes}
-
-
-def describe(info: Dict[str, Any]) -> str:
-    """The model as the reports name it."""
-    if "checkpoint" in info:
-        return f"{info['checkpoint']} (epoch {info['epoch']})"
-    if "arch" in info:
-        return f"{info['arch']} with {info['weights']} (normalization {info['normalization']})"
-    return info["model"]
-
-
-def home_dir(args: argparse.Namespace) -> str:
-    """Where derived files go by default: the checkpoint's directory, else the current one."""
-    return os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd()
 
 
 def parse_attacks(spec: str) -> List[str]:
@@ -460,88 +349,6 @@ def write_json(args: argparse.Namespace, result: Dict[str, Any]) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         with open(args.output, "w") as f:
             json.dump(result, f, indent=2)
-
-
-def run_subnet_analysis(
-    args: argparse.Namespace, model: torch.nn.Module, test: Any, attack: Any, params: Dict[str, Any],
-    state: Dict[str, Any], info: Dict[str, Any], attack_spec: str, device: torch.device,
-) -> Dict[str, Any]:
-    """--analysis subnets: the search trains on the validation split of the checkpoint's dataset (or of
-    --data dataset:NAME), subnets are judged on ``test``; prints the tables and returns the JSON."""
-    from advews.data import load_data
-    from advews.evaluation.subnet_analysis import BN_MODES, STRATEGIES, analyze_subnets
-
-    strategies = [s for s in args.search.split(",") if s]
-    bad = [s for s in strategies if s not in STRATEGIES]
-    if bad or not strategies:
-        raise AdvewsError(f"bad --search {args.search!r}; use a comma-separated list of {', '.join(STRATEGIES)}")
-    bn_modes = [m for m in args.bn_modes.split(",") if m]
-    if not bn_modes or any(m not in BN_MODES for m in bn_modes) or len(set(bn_modes)) != len(bn_modes):
-        raise AdvewsError(f"bad --bn-modes {args.bn_modes!r}; use eval, train or eval,train")
-    if not 0 < args.rho <= 1:
-        raise AdvewsError(f"--rho must be in (0, 1], got {args.rho}")
-    if args.n_subnets < 1:
-        raise AdvewsError(f"--n-subnets must be >= 1, got {args.n_subnets}")
-    if args.search_updates < 0:
-        raise AdvewsError(f"--search-updates must be >= 0, got {args.search_updates}")
-    if args.eval_batch_size is not None and args.eval_batch_size < 1:
-        raise AdvewsError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
-    if state:
-        bundle_spec = {k: v for k, v in state.get("data_spec", {}).items() if k not in TRAIN_ONLY_DATA}
-    elif args.data.startswith("dataset:"):
-        bundle_spec = dataset_args(args.data)
-    else:
-        raise AdvewsError("--analysis subnets trains its search on a validation split: use --checkpoint or "
-                          "--data dataset:NAME[:ROOT], not npz data")
-    search_data = load_data(**bundle_spec).val if bundle_spec else None
-    if search_data is None:
-        raise AdvewsError("--analysis subnets needs the checkpoint's validation split to train the search on")
-
-    def tensors(ds):
-        xs, ys = zip(*ds.batches(1024, device=device))
-        return torch.cat(xs), torch.cat(ys)
-
-    result = analyze_subnets(
-        model, tensors(search_data), tensors(test), attack, args.rho, n_subnets=args.n_subnets,
-        strategies=strategies, search_updates=args.search_updates, search_lr=args.search_lr,
-        search_bn=args.search_bn, batch_size=args.batch_size, seed=args.seed, bn_modes=bn_modes,
-        eval_batch_size=args.eval_batch_size, block_samples=min(args.n_subnets, MAX_BLOCK_SAMPLES),
-    )
-    result = {**info, "attack": attack_spec, **params, **result}
-    print(f"subnet analysis of {describe(info)}, rho {args.rho}, {result['n_examples']} test examples")
-    for mode in bn_modes:
-        per_mode = result if mode == "eval" else result["bn_train"]
-        print(f"{'BN ' + mode:<12}{'clean mean':>11}{'robust mean':>12}{'p10':>8}{'median':>8}{'p90':>8}")
-        rows = (["full"] if mode == "eval" else []) + strategies
-        for name in rows:
-            c, r = per_mode[name]["clean"], per_mode[name]["robust"]
-            print(f"{name:<12}{100 * c['mean']:>10.2f}%{100 * r['mean']:>11.2f}%"
-                  f"{100 * r['p10']:>7.1f}%{100 * r['median']:>7.1f}%{100 * r['p90']:>7.1f}%")
-    blocks = result["block_vulnerability"]
-    kind = "robust" if "robust" in blocks["full"] else "clean"
-    print(f"{kind} error with one block thinned (BN eval, {blocks['n_samples']} subnets per block; "
-          f"full net {100 * blocks['full'][kind]:.1f}%): " + ", ".join(
-              f"{b['name']} {100 * b[kind]['mean']:.1f}%" for b in blocks["blocks"]))
-    return result
-
-
-def draw_subnet_figures(args: argparse.Namespace, result: Dict[str, Any], info: Dict[str, Any]) -> List[str]:
-    """Fig. 1 (random-subnet boxes, when random was analysed) and Fig. 7 (block vulnerability), next to
-    --output as <stem>_fig1.png / _fig7.png, else as subnets_fig*.png in the checkpoint's directory."""
-    from advews.evaluation.plots import plot_block_vulnerability, plot_subnet_boxes
-
-    stem = os.path.splitext(args.output)[0] if args.output else os.path.join(home_dir(args), "subnets")
-    if args.checkpoint:  # the run directory names the model
-        label = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
-    else:
-        label = info.get("arch") or info["model"]
-    written = []
-    if "random" in result or "random" in result.get("bn_train", {}):
-        written.append(f"{stem}_fig1.png")
-        plot_subnet_boxes([(label, result)], written[-1])
-    written.append(f"{stem}_fig7.png")
-    plot_block_vulnerability(result["block_vulnerability"], written[-1])
-    return written
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,126 @@
+"""Where advews-eval's model and data come from: an advews checkpoint (its dataset's test split by
+default), a zoo architecture holding a public state_dict, or a ``module:function``; and npz or named
+datasets given with ``--data``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from advews.errors import AdvewsError
+from advews.models.external import NORMALIZATIONS
+
+# Data options that shape only the training split: evaluation never reloads the extra data.
+TRAIN_ONLY_DATA = ("train_limit", "extra_data", "extra_fraction", "allow_pickle")
+DATA_FORMS = "npz:FILE or dataset:NAME[:ROOT]"
+# Fig. 7 draws every sampled subnet as a dot: more than this many per block add time, not insight.
+
+
+def load_npz(path: str):
+    from advews.data import ArrayDataset
+
+    if not os.path.isfile(path):
+        raise AdvewsError(f"--data npz file not found: {path}")
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f or "y" not in f:
+            raise AdvewsError(f"{path} must hold arrays 'x' and 'y', found {', '.join(f.files) or 'none'}")
+        x, y = f["x"], f["y"]
+    if x.dtype != np.uint8 or x.ndim != 4:
+        raise AdvewsError(f"{path}: x must be N x H x W x C uint8, got {x.dtype} with shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
+        raise AdvewsError(f"{path}: y must be {len(x)} integers, got {y.dtype} with shape {y.shape}")
+    return ArrayDataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
+
+
+def dataset_args(spec: str) -> Dict[str, str]:
+    """``load_data`` arguments of a ``dataset:NAME[:ROOT]`` spec."""
+    name, _, root = spec[len("dataset:"):].partition(":")
+    if not name:
+        raise AdvewsError(f"bad --data {spec!r}; use dataset:NAME[:ROOT], e.g. dataset:cifar10:data")
+    return {"dataset": name, **({"root": root} if root else {})}
+
+
+def load_eval_data(spec: Optional[str], data_spec: Dict[str, Any]):
+    """The test data: ``--data``, else the test split of the checkpoint's dataset (``data_spec``)."""
+    from advews.data import load_data
+
+    if spec is None:
+        if not data_spec:
+            raise AdvewsError(f"--data is required without --checkpoint (there is no training dataset): {DATA_FORMS}")
+        return load_data(**{k: v for k, v in data_spec.items() if k not in TRAIN_ONLY_DATA}).test
+    if spec.startswith("npz:"):
+        return load_npz(spec[4:])
+    if spec.startswith("dataset:"):
+        return load_data(**dataset_args(spec)).test
+    raise AdvewsError(f"bad --data {spec!r}; use {DATA_FORMS}, or leave it out for the checkpoint's test split")
+
+
+def check_model_source(args: argparse.Namespace) -> None:
+    """Exactly one model: --checkpoint, --arch with --weights, or --model."""
+    sources = (("--checkpoint", args.checkpoint), ("--arch/--weights", args.arch or args.weights), ("--model", args.model))
+    given = [flag for flag, value in sources if value]
+    if len(given) != 1:
+        raise AdvewsError(f"give exactly one model: --checkpoint PATH, --arch NAME --weights FILE or --model "
+                          f"MODULE:FUNCTION (got {' and '.join(given) or 'none'})")
+    if bool(args.arch) != bool(args.weights):
+        raise AdvewsError(f"--arch and --weights go together, got only {'--arch' if args.arch else '--weights'}")
+    if not args.arch and (args.normalization or args.num_classes is not None):
+        raise AdvewsError("--normalization and --num-classes describe --arch/--weights models; "
+                          "a checkpoint or --model fixes its own")
+
+
+def external_defaults(args: argparse.Namespace) -> Tuple[str, int]:
+    """--normalization and --num-classes of an --arch model: the flags, else those of --data dataset:NAME."""
+    from advews.data import get_dataset
+
+    spec = get_dataset(dataset_args(args.data)["dataset"]) if args.data.startswith("dataset:") else None
+    normalization = args.normalization
+    if normalization is None and spec is not None:
+        normalization = next((name for name, stats in NORMALIZATIONS.items() if stats is not None and
+                              tuple(stats[0]) == tuple(spec.mean) and tuple(stats[1]) == tuple(spec.std)), None)
+        if normalization is None and set(spec.mean) == {0.0} and set(spec.std) == {1.0}:
+            normalization = "none"
+    if normalization is None:
+        raise AdvewsError(f"--normalization is required for --data {args.data!r}: the input normalization the "
+                          f"weights were trained with, one of {', '.join(NORMALIZATIONS)}")
+    num_classes = args.num_classes if args.num_classes is not None else spec.num_classes if spec else 10
+    return normalization, num_classes
+
+
+def load_model(args: argparse.Namespace, state: Dict[str, Any], data: Any) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The model to evaluate, and the entries that name it in the JSON."""
+    from advews.models import build_model
+    from advews.models.external import load_external, load_module
+
+    if args.checkpoint:
+        model = build_model(state["model_spec"])
+        model.load_state_dict(state["model"])
+        return model, {"checkpoint": args.checkpoint, "epoch": state.get("epoch")}
+    if args.model:
+        if os.getcwd() not in sys.path:  # the user's own module, as advews-train finds it
+            sys.path.insert(0, os.getcwd())
+        return load_module(args.model), {"model": args.model}
+    normalization, num_classes = external_defaults(args)
+    model = load_external(args.arch, args.weights, num_classes=num_classes, in_channels=data.image_shape[0],
+                          normalization=normalization)
+    return model, {"arch": args.arch, "weights": args.weights, "normalization": normalization,
+                   "num_classes": num_classes}
+
+
+def describe(info: Dict[str, Any]) -> str:
+    """The model as the reports name it."""
+    if "checkpoint" in info:
+        return f"{info['checkpoint']} (epoch {info['epoch']})"
+    if "arch" in info:
+        return f"{info['arch']} with {info['weights']} (normalization {info['normalization']})"
+    return info["model"]
+
+
+def home_dir(args: argparse.Namespace) -> str:
+    """Where derived files go by default: the checkpoint's directory, else the current one."""
+    return os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd()
