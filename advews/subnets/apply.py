@@ -208,18 +208,25 @@ def _is_installed(space: SubnetSpace) -> bool:
 
 
 def _set_installed(space: SubnetSpace, alpha: Optional[Subnet]) -> None:
-    """Write ``alpha``'s masks into the installed buffers (None: the full net, all ones)."""
-    with torch.no_grad():
-        for b, block in enumerate(space.blocks):
-            kept = range(len(block.paths)) if alpha is None else alpha.paths[b]
-            for p, path in enumerate(block.paths):
-                getattr(path.output_module, _GATE).fill_(1.0 if p in kept else 0.0)
-                for l, layer in enumerate(path.layers):
-                    mask = getattr(layer.module, _MASK)
-                    if alpha is None:
-                        mask.fill_(1.0)
-                    elif p in kept:
-                        mask.zero_().view(-1)[list(alpha.channels[b][list(kept).index(p)][l])] = 1.0
+    """Point the installed buffers at ``alpha``'s masks (None: the full net, all ones).
+
+    Buffers get NEW tensors rather than in-place writes: a subnet forward saved its masks for the
+    backward that runs after the context has closed, so they must never change afterwards.
+    """
+    for b, block in enumerate(space.blocks):
+        kept = tuple(range(len(block.paths))) if alpha is None else alpha.paths[b]
+        for p, path in enumerate(block.paths):
+            gate = getattr(path.output_module, _GATE)
+            setattr(path.output_module, _GATE, torch.full_like(gate, 1.0 if p in kept else 0.0))
+            for l, layer in enumerate(path.layers):
+                mask = getattr(layer.module, _MASK)
+                if alpha is None:
+                    new = torch.ones_like(mask)
+                else:
+                    new = torch.zeros_like(mask)
+                    if p in kept:
+                        new.view(-1)[list(alpha.channels[b][kept.index(p)][l])] = 1.0
+                setattr(layer.module, _MASK, new)
 
 
 @contextmanager
