@@ -7,14 +7,13 @@ loss.backward() (computing unused weight gradients too), model.train(), CE step.
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torch.nn.functional as F
 
 from advews.defenses import AT
 from advews.models import build_model
-from common import default_device, machine, median_time
+from common import default_device, machine, median_time, workload_parser
 
 
 def plain_iteration(model, opt, x, y, eps, alpha, steps):
@@ -43,13 +42,8 @@ def advews_iteration(defense, model, opt, x, y):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="small_preact_resnet")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=64)
+    p = workload_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--repeats", type=int, default=20)
     args = p.parse_args()
     device = default_device()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import statistics
@@ -38,3 +39,16 @@ def median_time(fn: Callable[[], object], device: torch.device, repeats: int, wa
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def workload_parser(description: str, batch: int = 64) -> argparse.ArgumentParser:
+    """The options every benchmark shares: which model, input size, batch and threat budget.
+    Defaults are the CPU quickstart workload; PreAct ResNet-18 is ``--arch preact_resnet18
+    --channels 3 --image-size 32 --eps 0.0314``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--arch", default="small_preact_resnet")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--batch", type=int, default=batch)
+    p.add_argument("--eps", type=float, default=0.3)
+    return p

@@ -11,7 +11,6 @@ iteration), the cost EWS cannot avoid when subnet channels are zeroed rather tha
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -19,7 +18,7 @@ import torch
 
 from advews.defenses import DEFENSES
 from advews.models import build_model
-from common import default_device, machine, sync
+from common import default_device, machine, sync, workload_parser
 
 
 def timed(device, fn):
@@ -101,13 +100,8 @@ def subnet_step_cost(args, device) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="small_preact_resnet")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=64)
+    p = workload_parser(__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=10, help="PGD steps")
-    p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--interval", type=int, default=10, help="EWS K")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)

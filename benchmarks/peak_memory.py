@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from common import default_device, machine
+from common import default_device, machine, workload_parser
 
 
 def one(name: str, args) -> float:
@@ -42,12 +42,7 @@ def one(name: str, args) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="small_preact_resnet")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--eps", type=float, default=0.3)
+    p = workload_parser(__doc__.splitlines()[0])
     p.add_argument("--only", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.only:

@@ -3,7 +3,6 @@ robust accuracy (no random start, so both compute the same attack and must agree
 
 from __future__ import annotations
 
-import argparse
 
 import torch
 import torchattacks
@@ -12,16 +11,11 @@ from advews.attacks import PGD
 from advews.data import load_data
 from advews.engine.checkpoint import load_checkpoint
 from advews.models import build_model
-from common import default_device, machine, median_time
+from common import default_device, machine, median_time, workload_parser
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="small_preact_resnet")
-    p.add_argument("--channels", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--eps", type=float, default=0.3)
+    p = workload_parser(__doc__.splitlines()[0], batch=256)
     p.add_argument("--repeats", type=int, default=6)
     p.add_argument("--checkpoint", help="an advews checkpoint: attack its model on its test split")
     args = p.parse_args()
