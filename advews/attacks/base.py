@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, ContextManager, Iterator, Optional
@@ -54,16 +55,16 @@ class Attack(ABC):
     needs_labels: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.eps < 0:
-            raise AdvewsError(f"eps must be >= 0, got {self.eps}")
+        if not math.isfinite(self.eps) or self.eps < 0:
+            raise AdvewsError(f"eps must be >= 0 and finite, got {self.eps}")
         if self.norm not in NORMS:
             raise AdvewsError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
         steps = getattr(self, "steps", 1)
         if steps < 1:
             raise AdvewsError(f"steps must be >= 1, got {steps}")
         step_size = getattr(self, "step_size", 0.0)
-        if step_size < 0:
-            raise AdvewsError(f"step_size must be >= 0, got {step_size}")
+        if not math.isfinite(step_size) or step_size < 0:
+            raise AdvewsError(f"step_size must be >= 0 and finite, got {step_size}")
 
     def __call__(self, model: nn.Module, x: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Adversarial examples for ``x`` (labels or targets ``y``); the model's flags are left untouched."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+from typing import ContextManager, Optional
 
 import torch
 
@@ -39,7 +39,13 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, grad_clip: Optional[float] = None) -> None:
+        """Optimizer step; with ``grad_clip``, the global gradient norm is first clipped to it (unscaled)."""
+        if grad_clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(optimizer)
+            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
         if self.scaler is None:
             optimizer.step()
         else:

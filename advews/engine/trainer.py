@@ -81,6 +81,8 @@ class Trainer:
     slice, which is what DistributedSampler does with per-epoch shuffling, and validation is split
     across ranks and summed. Only rank 0 writes the run directory.
     ``amp`` ('none', 'bf16', 'fp16'), ``channels_last`` and ``compile`` make each device fast.
+    ``grad_clip``: clip the model's global gradient norm before each step (None: no clipping, as
+    robust_overfitting, TRADES and AWP do; the EWS authors' train_cifar clips at 3).
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class Trainer:
         channels_last: bool = False,
         compile: bool = False,
         sync_batchnorm: bool = False,
+        grad_clip: Optional[float] = None,
     ):
         if epochs < 1:
             raise AdvewsError(f"train.epochs must be >= 1, got {epochs}")
@@ -109,6 +112,9 @@ class Trainer:
             raise AdvewsError(f"train.batch_size must be >= 1, got {batch_size}")
         if val_steps < 1:
             raise AdvewsError(f"train.val_steps must be >= 1, got {val_steps}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise AdvewsError(f"train.grad_clip must be > 0 or None, got {grad_clip}")
+        self.grad_clip = grad_clip
         self.dist, self.device = distributed.init(resolve_device(device))
         if batch_size % self.dist.world:
             raise AdvewsError(f"train.batch_size {batch_size} must be divisible by the {self.dist.world} ranks")
@@ -249,7 +255,7 @@ class Trainer:
                 out = self.defense.training_loss(self.train_model, batch)
             self.optimizer.zero_grad(set_to_none=True)
             self.precision.backward(out.loss)
-            self.precision.step(self.optimizer)
+            self.precision.step(self.optimizer, self.grad_clip)
             self.defense.end_step(self.model)
             self.scheduler.step()
             step_metrics = {
