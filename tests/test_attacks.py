@@ -227,10 +227,15 @@ def test_flags_restored_when_perturb_raises(trained):
 @pytest.mark.parametrize(
     "make, fragment",
     [
-        (lambda: PGD(eps=-1), "eps must be >= 0, got -1"),
+        (lambda: PGD(eps=-1), "eps must be >= 0 and finite, got -1"),
+        (lambda: PGD(eps=float("nan")), "eps must be >= 0 and finite, got nan"),
+        (lambda: PGD(eps=float("inf")), "eps must be >= 0 and finite, got inf"),
+        (lambda: PGD(eps=0.1, step_size=float("nan")), "step_size must be >= 0 and finite, got nan"),
+        (lambda: PGD(eps=0.1, start="gaussian"), "start must be one of uniform, normal, got 'gaussian'"),
+        (lambda: PGD(eps=0.1, model_mode="training"), "model_mode must be one of eval, train, got 'training'"),
         (lambda: PGD(eps=0.1, steps=0), "steps must be >= 1, got 0"),
         (lambda: PGD(eps=0.1, norm="L3"), "norm must be one of Linf, L2, got 'L3'"),
-        (lambda: TradesKL(step_size=-0.1), "step_size must be >= 0, got -0.1"),
+        (lambda: TradesKL(step_size=-0.1), "step_size must be >= 0 and finite, got -0.1"),
         (lambda: PGD(eps=0.1, restarts=0), "restarts must be >= 1, got 0"),
         (lambda: PGD(eps=0.1, restarts=2, random_start=False), "needs random_start=True"),
         (lambda: PGD(eps=0.1, loss="mse"), "loss must be one of ce, cw, got 'mse'"),

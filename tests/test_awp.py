@@ -136,27 +136,37 @@ def test_gin_bindings_resolve_most_specific_first():
     assert (trades.gamma, trades.warmup_epochs) == (0.02, 0)
 
 
-def test_awp_composes_with_ews_and_the_subnet_runs_at_perturbed_weights():
+@pytest.mark.parametrize("at_awp_weights", [False, True])
+def test_awp_composes_with_ews_and_the_subnet_runs_at_perturbed_weights(at_awp_weights):
+    """The distillation always runs at w + v; the search scores subnets at w before AWP perturbs
+    (the authors' order, default) or at w + v with ``search_at_awp_weights``."""
     for name, base in (("AT_AWP_EWS", AT), ("TRADES_AWP_EWS", TRADES)):
         cls = DEFENSES[name]
         assert cls.__mro__[1:3] == (EWSMixin, DEFENSES[name[:-4]]) and issubclass(cls, (AWPMixin, base))
         model, b = tiny_model(), fixed_batch()
         model.train()
-        d = cls(gamma=0.05, warmup_epochs=0, eps=0.1, steps=1, lam=1.0, rho=0.5)
+        d = cls(gamma=0.05, warmup_epochs=0, eps=0.1, steps=1, lam=1.0, rho=0.5,
+                search_at_awp_weights=at_awp_weights)
         d.setup(model)
         before = params(model)
+        conv_name, conv = next((k, m) for k, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+        scored_at = []
+        score = d.score_subnets
+        d.score_subnets = lambda *a: (scored_at.append(conv.weight.detach().clone()), score(*a))[1]
         batch = d.prepare(model, b.x, b.y)
         d.begin_step(model, batch)
-        conv_name, conv = next((k, m) for k, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
         perturbed = conv.weight.detach().clone()
         assert not torch.equal(perturbed, before[f"{conv_name}.weight"])
+        assert len(scored_at) == 1
+        assert torch.equal(scored_at[0], perturbed if at_awp_weights else before[f"{conv_name}.weight"])
         seen = []
         hook = conv.register_forward_hook(lambda m, i, o: seen.append(m.weight.detach().clone()))
         out = d.training_loss(model, batch)
         hook.remove()
-        assert out.metrics["ews_kl"] > 0
-        # full-net forward(s), search scoring and the subnet forward: all at w + v
-        assert len(seen) >= 2 * len(out.views) + 1
+        assert len(scored_at) == 1  # the search ran once per step, in begin_step
+        assert out.metrics["ews_kl"] > 0 and "search_subnet_acc" in out.metrics
+        # full-net forward(s) and the subnet forward(s): all at w + v
+        assert len(seen) >= 2 * len(out.views)
         assert all(torch.equal(w, perturbed) for w in seen)
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
         opt.zero_grad()

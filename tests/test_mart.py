@@ -32,10 +32,11 @@ def mart_formula(logits_clean, logits_adv, y, beta):
     return total / len(y)
 
 
-def test_defaults_follow_the_paper():
+def test_defaults_follow_the_mart_code():
     d = MART()
     assert d.adversarial and d.beta == 6.0
-    assert (d.attack.eps, d.attack.step_size, d.attack.steps) == (8 / 255, 2 / 255, 10)
+    assert (d.attack.eps, d.attack.step_size, d.attack.steps) == (0.031, 0.007, 10)
+    assert (d.attack.start, d.attack.clamp_start, d.attack.model_mode) == ("normal", False, "eval")
 
 
 def test_mart_loss_matches_formula():

@@ -161,7 +161,7 @@ def test_keep_count_rounding_rules():
 def test_space_of_zoo_blocks():
     assert discover(_build("small_preact_resnet")).shape() == (((16,), ()), ((32,), ()), ((64,), ()))
     r50 = discover(_build("resnet50"))
-    assert len(r50.blocks) == 16 and r50.shape()[0] == ((64, 64), ())
+    assert len(r50.blocks) == 16 and r50.shape()[0] == ((64,), ())  # conv2's input, as the authors' code
     assert type(r50.blocks[0].paths[0].output_module) is nn.BatchNorm2d
     assert isinstance(r50.blocks[0].paths[1].output_module, nn.Sequential)
     assert r50.blocks[0].name == "model.layers.0.0"

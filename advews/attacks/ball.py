@@ -31,6 +31,18 @@ def random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     return torch.clamp(x + delta, min=0, max=1)
 
 
+def normal_start(x: torch.Tensor, sigma: float = 0.001, clamp: bool = False) -> torch.Tensor:
+    """``x + sigma * N(0, 1)``: the start of the TRADES and MART reference attacks.
+
+    The references feed it to the model unclipped (``clamp=False``); the first step's projection
+    then brings it back into the ball and [0, 1]. With ``clamp=True`` the start is first projected
+    into [0, 1]: a different first gradient at the pixels the noise pushed out of the box, which
+    saturated MNIST/CIFAR images have many of, so trajectories then part (see ``TradesKL``).
+    """
+    start = x + sigma * torch.randn_like(x)
+    return start.clamp(0, 1) if clamp else start
+
+
 def ascent_step(x_adv: torch.Tensor, grad: torch.Tensor, step_size: float, norm: str) -> torch.Tensor:
     """Move ``step_size`` along the steepest-ascent direction of the norm: sign(g) or g / ||g||_2."""
     if norm == "Linf":

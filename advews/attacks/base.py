@@ -17,17 +17,22 @@ from advews.errors import AdvewsError
 NORMS = ("Linf", "L2")
 
 
+MODEL_MODES = ("eval", "train")
+
+
 @contextlib.contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and no parameter gradients while attacking, then restore every flag as it was.
+def frozen(model: nn.Module, mode: str = "eval") -> Iterator[nn.Module]:
+    """``mode`` (eval or train) and no parameter gradients while attacking, then restore every flag.
 
     Flags are recorded per submodule and per parameter, because callers (EWS subnets, partly frozen
     fine-tuning) rely on mixed states surviving an attack; restoring only the top-level mode would not.
+    In train mode BatchNorm uses batch statistics and every attack forward updates its running
+    statistics (and dropout is active), as in the AT reference scripts.
     """
     modes = [(m, m.training) for m in model.modules()]
     grads = [(p, p.requires_grad) for p in model.parameters()]
     try:
-        model.eval()
+        model.train(mode == "train")
         for p, _ in grads:
             p.requires_grad_(False)
         yield model
@@ -46,10 +51,14 @@ class Attack(ABC):
     ``autocast``, when set, is a zero-argument factory of a context manager (e.g.
     ``lambda: torch.autocast("cuda", torch.bfloat16)``) that wraps the model's forward passes; losses
     and gradients stay fp32 w.r.t. the fp32 adversarial input. Pass fields by keyword.
+    ``model_mode``: the mode the model runs in while attacked. 'eval' (evaluation, and the TRADES and
+    MART training attacks) or 'train' (the training attacks of the AT reference scripts:
+    robust_overfitting, AWP's AT_AWP, EWS's train_adv_at), see ``frozen``.
     """
 
     eps: float
     norm: str = "Linf"
+    model_mode: str = "eval"
     autocast: Optional[Callable[[], ContextManager[Any]]] = field(default=None, repr=False, compare=False)
 
     needs_labels: ClassVar[bool] = True
@@ -59,6 +68,8 @@ class Attack(ABC):
             raise AdvewsError(f"eps must be >= 0 and finite, got {self.eps}")
         if self.norm not in NORMS:
             raise AdvewsError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.model_mode not in MODEL_MODES:
+            raise AdvewsError(f"model_mode must be one of {', '.join(MODEL_MODES)}, got {self.model_mode!r}")
         steps = getattr(self, "steps", 1)
         if steps < 1:
             raise AdvewsError(f"steps must be >= 1, got {steps}")
@@ -72,7 +83,7 @@ class Attack(ABC):
         x = x.detach()
         if self.eps == 0 or x.shape[0] == 0:
             return x.clone()
-        with frozen(model), torch.enable_grad():  # also when called from user code under no_grad
+        with frozen(model, self.model_mode), torch.enable_grad():  # also when called from user code under no_grad
             x_adv = self.perturb(model, x, None if y is None else y.detach())
         return x_adv.detach()
 

@@ -8,10 +8,12 @@ from typing import Optional
 import torch
 from torch import nn
 
-from advews.attacks.ball import ascent_step, project, random_start
+from advews.attacks.ball import ascent_step, normal_start, project, random_start
 from advews.attacks.base import Attack
 from advews.attacks.objectives import LOSSES, objective, succeeded
 from advews.errors import AdvewsError
+
+STARTS = ("uniform", "normal")
 
 
 @dataclass
@@ -21,11 +23,15 @@ class PGD(Attack):
 
     With ``restarts`` > 1 each example keeps its best restart: a successful one first, then the one
     with the highest objective; this costs one extra forward pass per restart, none per step.
+    ``start``: 'uniform' in the ball (Madry et al., robust_overfitting) or 'normal', x + 0.001 * N(0, 1)
+    (the MART reference), fed unclipped unless ``clamp_start`` (see ``ball.normal_start``).
     """
 
     steps: int = 10
     step_size: float = 2 / 255
     random_start: bool = True
+    start: str = "uniform"
+    clamp_start: bool = False
     restarts: int = 1
     targeted: bool = False
     loss: str = "ce"
@@ -36,6 +42,8 @@ class PGD(Attack):
             raise AdvewsError(f"restarts must be >= 1, got {self.restarts}")
         if self.restarts > 1 and not self.random_start:
             raise AdvewsError(f"restarts={self.restarts} needs random_start=True (else all restarts coincide)")
+        if self.start not in STARTS:
+            raise AdvewsError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.loss not in LOSSES:
             raise AdvewsError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
 
@@ -60,7 +68,12 @@ class PGD(Attack):
 
     def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """One PGD trajectory: gradients w.r.t. the adversarial input only (parameters are frozen)."""
-        x_adv = random_start(x, self.eps, self.norm) if self.random_start else x.clone()
+        if not self.random_start:
+            x_adv = x.clone()
+        elif self.start == "normal":
+            x_adv = normal_start(x, 0.001, clamp=self.clamp_start)
+        else:
+            x_adv = random_start(x, self.eps, self.norm)
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
             value = objective(self.logits(model, x_adv), y, self.loss, self.targeted).sum()

@@ -11,6 +11,11 @@ from advews.defenses.registry import register_defense
 
 @register_defense
 class AT(Defense):
+    """``attack_mode``: the model's mode while the training PGD runs. 'train' (default) as the AT
+    reference scripts (robust_overfitting, AWP's AT_AWP, EWS's train_adv_at) do: BN normalises with
+    the adversarial batch's statistics and every attack forward updates the running statistics;
+    'eval' attacks the running-statistics net, as TRADES/MART do and as evaluation does."""
+
     adversarial = True
 
     def __init__(
@@ -21,9 +26,11 @@ class AT(Defense):
         norm: str = "Linf",
         random_start: bool = True,
         label_smoothing: float = 0.0,
+        attack_mode: str = "train",
     ):
         super().__init__(label_smoothing=label_smoothing)
-        self.attack = PGD(eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start)
+        self.attack = PGD(eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start,
+                          model_mode=attack_mode)
 
     def prepare(self, model: nn.Module, x, y) -> Batch:
         return Batch(x, y, x_adv=self.attack.scaled(self.eps_scale)(model, x, y))

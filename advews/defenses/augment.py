@@ -65,6 +65,9 @@ class AugMixBatch(Batch):
     x_aug: Tuple[torch.Tensor, ...] = ()
 
 
+SEARCH_VIEWS = ("all", "clean")
+
+
 @register_defense
 class AugMix(Standard):
     """CE on the clean batch + ``jsd_weight`` * JSD(p_clean, p_aug1, p_aug2) over two AugMix views.
@@ -73,7 +76,9 @@ class AugMix(Standard):
     severity 5, the EWS paper's CIFAR setting (AugMix's own CIFAR script uses 3). ``all_ops`` adds
     color/contrast/brightness/sharpness, which overlap with the test corruptions. The three views go
     through one concatenated forward so BN normalises them together, as in AugMix; EWS distils the
-    subnet on each view with weight 1/3 and the search scores subnets on the clean batch.
+    subnet on each view with weight 1/3. ``search_on``: the batch the EWS search scores subnets on,
+    'all' (default: the concatenated clean + two augmented views, as the authors' code does) or
+    'clean' (the clean images only).
     """
 
     def __init__(
@@ -85,8 +90,12 @@ class AugMix(Standard):
         all_ops: bool = False,
         jsd_weight: float = 12.0,
         label_smoothing: float = 0.0,
+        search_on: str = "all",
     ):
         super().__init__(label_smoothing=label_smoothing)
+        if search_on not in SEARCH_VIEWS:
+            raise AdvewsError(f"AugMix.search_on must be one of {', '.join(SEARCH_VIEWS)}, got {search_on!r}")
+        self.search_on = search_on
         if not 1 <= severity <= 10:
             raise AdvewsError(f"AugMix.severity must be in 1..10, got {severity}")
         if width < 1:
@@ -108,6 +117,11 @@ class AugMix(Standard):
             severity=self.severity, width=self.width, depth=self.depth, alpha=self.alpha,
         )
         return AugMixBatch(x, y, x_aug=tuple(views.chunk(2)))
+
+    def search_view(self, batch: AugMixBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.search_on == "clean":
+            return batch.x, batch.y
+        return torch.cat((batch.x, *batch.x_aug)), batch.y.repeat(1 + len(batch.x_aug))
 
     def loss(self, model: nn.Module, batch: AugMixBatch) -> DefenseOutput:
         inputs = torch.cat((batch.x, *batch.x_aug))

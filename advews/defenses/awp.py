@@ -35,7 +35,8 @@ class AWPMixin:
     to the composed class's ``awp_default_*``: the paper's AT setting (0.01, none) unless overridden.
     ``lr`` is the proxy's SGD step size (the paper's 0.01). With one plain SGD step ``d = lr * grad``,
     so lr cancels in ``v``; it only has to be large enough that ``w_proxy - w`` is not lost to float
-    rounding of ``w``.
+    rounding of ``w``. ``smooth_proxy_labels``: whether the proxy's ascent loss uses the defense's
+    label smoothing; off by default, as AWP's code takes plain CE for the proxy.
     """
 
     awp_default_gamma: ClassVar[float] = 0.01
@@ -47,6 +48,7 @@ class AWPMixin:
         gamma: Optional[float] = None,
         lr: float = 0.01,
         warmup_epochs: Optional[int] = None,
+        smooth_proxy_labels: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -58,7 +60,7 @@ class AWPMixin:
             raise AdvewsError(f"AWP.lr must be > 0, got {lr}")
         if self.warmup_epochs < 0:
             raise AdvewsError(f"AWP.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        self.lr = lr
+        self.lr, self.smooth_proxy_labels = lr, smooth_proxy_labels
         self.proxy: Optional[nn.Module] = None
         self.proxy_optimizer: Optional[torch.optim.Optimizer] = None
         self.perturbation: List[Tuple[nn.Parameter, torch.Tensor]] = []
@@ -84,7 +86,13 @@ class AWPMixin:
         self.proxy.load_state_dict(model.state_dict())
         self.proxy.train()
         # The defense's own objective, not training_loss: the EWS term is no part of the ascent.
-        ascent = -self.loss(self.proxy, batch).loss
+        smoothing = self.label_smoothing
+        if not self.smooth_proxy_labels:
+            self.label_smoothing = 0.0
+        try:
+            ascent = -self.loss(self.proxy, batch).loss
+        finally:
+            self.label_smoothing = smoothing
         self.proxy_optimizer.zero_grad(set_to_none=True)
         ascent.backward()
         distributed.average_gradients(self.proxy)  # one proxy step, identical on every rank

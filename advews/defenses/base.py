@@ -17,7 +17,7 @@ which defense they wrap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -85,6 +85,14 @@ class Defense:
 
     def loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
         raise NotImplementedError  # abstract
+
+    def search_view(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The inputs and labels a weak-subnet search scores subnets on: the adversarial batch for
+        adversarial defenses (robust accuracy), the clean batch otherwise. Known before ``loss`` runs,
+        so a search can be updated before AWP perturbs the weights."""
+        if self.adversarial and batch.x_adv is not None:
+            return batch.x_adv, batch.y
+        return batch.x, batch.y
 
     def training_loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
         return self.loss(model, batch)

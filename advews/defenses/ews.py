@@ -40,7 +40,12 @@ class EWSMixin:
     Defaults follow the paper: clean/corruption defenses lam 1, rho 0.7, entropy 0.005; adversarial
     defenses lam 0.1, rho 0.9, entropy 0.01 (the authors' AT/TRADES code); K = ``interval`` = 10.
     ``search_bn``: BN mode in which candidate subnets are scored for the search reward; ``eval``
-    (running statistics, as a deployed net runs) finds far weaker subnets than ``train``.
+    (running statistics, as a deployed net runs) finds far weaker subnets than ``train`` (the
+    authors' code scores in train mode during AT; see the README's differences table).
+    ``subnet_dropout``: whether dropout stays active in the distillation's subnet forward; off by
+    default, as the authors' switch_to_subnet sets p = 0. ``search_at_awp_weights``: with AWP, score
+    the search's subnets at the perturbed weights (where the training loss runs) instead of before
+    AWP perturbs (default, the order of both authors' EWS scripts); without AWP the two coincide.
     """
 
     def __init__(
@@ -54,6 +59,8 @@ class EWSMixin:
         controller_lr: float = 3e-4,
         entropy_weight: Optional[float] = None,
         search_bn: str = "eval",
+        subnet_dropout: bool = False,
+        search_at_awp_weights: bool = False,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -73,7 +80,9 @@ class EWSMixin:
             raise AdvewsError(f"EWS.search_bn must be one of {', '.join(BN_MODES)}, got {search_bn!r}")
         self.interval, self.search_name, self.num_samples = interval, search, num_samples
         self.controller_lr, self.search_bn = controller_lr, search_bn
+        self.subnet_dropout, self.search_at_awp_weights = subnet_dropout, search_at_awp_weights
         self.iteration = 0
+        self._search_metrics: Optional[dict] = None  # this iteration's search update, once it ran
         self.space = None
         self.search = None
 
@@ -102,20 +111,35 @@ class EWSMixin:
             for m, training in modes:
                 m.training = training
 
-    def training_loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+    def _update_search(self, model: nn.Module, batch: Batch) -> None:
+        """Every ``interval`` iterations, one search update scored on the defense's search view."""
         if self.search is None:
             raise RuntimeError(f"{self.name}.setup(model) must be called before training")
-        out = super().training_loss(model, batch)
-        metrics = {}
+        self._search_metrics = {}
         if self.iteration % self.interval == 0:
-            x, y = out.search_x.detach(), out.search_y
+            x, y = self.search_view(batch)
+            x = x.detach()
             stats = self.search.update(lambda subnets: self.score_subnets(model, subnets, x, y))
-            metrics.update({f"search_{k}": torch.tensor(float(v)) for k, v in stats.items()})
+            self._search_metrics = {f"search_{k}": torch.tensor(float(v)) for k, v in stats.items()}
+
+    def begin_step(self, model: nn.Module, batch: Batch) -> None:
+        if self.search_at_awp_weights:
+            super().begin_step(model, batch)
+            self._update_search(model, batch)
+        else:
+            self._update_search(model, batch)
+            super().begin_step(model, batch)
+
+    def training_loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+        if self._search_metrics is None:  # called without begin_step (e.g. from user code)
+            self._update_search(model, batch)
+        out = super().training_loss(model, batch)
+        metrics, self._search_metrics = self._search_metrics, None
         self.iteration += 1
         if self.lam > 0:
             alpha = self.search.sample()
             kl = out.loss.new_zeros(())
-            with subnet(model, alpha, self.space):
+            with subnet(model, alpha, self.space, dropout=self.subnet_dropout):
                 for view in out.views:
                     student = model(view.x)
                     kl = kl + view.weight * distillation_kl(view.logits.detach(), student)

@@ -37,21 +37,27 @@ def misclassification_aware_kl(logits_clean: torch.Tensor, logits_adv: torch.Ten
 
 @register_defense
 class MART(Defense):
+    """Attack defaults are the MART code's: eps 0.031, step 0.007, 10 steps, start x + 0.001 * N(0, 1)
+    fed unclipped (``start='uniform'`` for the Madry start), model in eval mode (``attack_mode``)."""
+
     adversarial = True
 
     def __init__(
         self,
         beta: float = 6.0,
-        eps: float = 8 / 255,
-        step_size: float = 2 / 255,
+        eps: float = 0.031,
+        step_size: float = 0.007,
         steps: int = 10,
         norm: str = "Linf",
-        random_start: bool = True,
+        start: str = "normal",
+        clamp_start: bool = False,
         label_smoothing: float = 0.0,
+        attack_mode: str = "eval",
     ):
         super().__init__(label_smoothing=label_smoothing)
         self.beta = beta
-        self.attack = PGD(eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start)
+        self.attack = PGD(eps=eps, norm=norm, steps=steps, step_size=step_size, start=start,
+                          clamp_start=clamp_start, model_mode=attack_mode)
 
     def prepare(self, model: nn.Module, x, y) -> Batch:
         return Batch(x, y, x_adv=self.attack.scaled(self.eps_scale)(model, x, y))

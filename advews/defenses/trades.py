@@ -20,6 +20,9 @@ def trades_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Ten
 
 @register_defense
 class TRADES(Defense):
+    """The KL attack runs with the model in eval mode (``attack_mode``) from an unclipped
+    x + 0.001 * N(0, 1) start (``clamp_start``), as the TRADES code does (see ``TradesKL``)."""
+
     adversarial = True
 
     def __init__(
@@ -30,10 +33,13 @@ class TRADES(Defense):
         steps: int = 10,
         norm: str = "Linf",
         label_smoothing: float = 0.0,
+        attack_mode: str = "eval",
+        clamp_start: bool = False,
     ):
         super().__init__(label_smoothing=label_smoothing)
         self.beta = beta
-        self.attack = TradesKL(eps=eps, norm=norm, steps=steps, step_size=step_size)
+        self.attack = TradesKL(eps=eps, norm=norm, steps=steps, step_size=step_size, clamp_start=clamp_start,
+                               model_mode=attack_mode)
 
     def prepare(self, model: nn.Module, x, y) -> Batch:
         return Batch(x, y, x_adv=self.attack.scaled(self.eps_scale)(model, x, y))

@@ -21,6 +21,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 
 from advews.subnets.space import SubnetSpace, discover
 
@@ -230,26 +231,33 @@ def _set_installed(space: SubnetSpace, alpha: Optional[Subnet]) -> None:
 
 
 @contextmanager
-def subnet(model: nn.Module, alpha: Subnet, space: Optional[SubnetSpace] = None) -> Iterator[None]:
+def subnet(
+    model: nn.Module, alpha: Subnet, space: Optional[SubnetSpace] = None, dropout: bool = True
+) -> Iterator[None]:
     """Run ``model`` as the subnet ``alpha`` inside the block; leave it exactly as it was afterwards.
 
     Inside, every BatchNorm has ``track_running_stats = False``: in train mode it normalises with
     batch statistics and updates neither running statistics nor ``num_batches_tracked``; in eval mode
     it still uses the running statistics. A subnet forward therefore never spoils the statistics the
-    full net is evaluated with. Hooks and BN flags are restored even when the block raises.
-    Contexts do not nest (masks would silently intersect).
+    full net is evaluated with. ``dropout=False`` puts every dropout module in eval mode inside (the
+    authors' switch_to_subnet sets p = 0); ``True`` leaves dropout as the model has it. Hooks, BN and
+    dropout flags are restored even when the block raises. Contexts do not nest (masks would
+    silently intersect).
     """
     space = space if space is not None else space_of(model)
     alpha.check(space)
     if model in _ACTIVE:
         raise RuntimeError("subnet contexts do not nest: this model is already running as a subnet")
     _ACTIVE.add(model)
-    handles, bns, installed = [], [], False
+    handles, bns, drops, installed = [], [], [], False
     try:
         for m in model.modules():
             if isinstance(m, _BatchNorm):
                 bns.append((m, m.track_running_stats))
                 m.track_running_stats = False
+            elif not dropout and isinstance(m, _DropoutNd):
+                drops.append((m, m.training))
+                m.training = False
         installed = _is_installed(space)
         if installed:
             _set_installed(space, alpha)
@@ -270,6 +278,8 @@ def subnet(model: nn.Module, alpha: Subnet, space: Optional[SubnetSpace] = None)
             h.remove()
         for m, track in bns:
             m.track_running_stats = track
+        for m, training in drops:
+            m.training = training
         _ACTIVE.discard(model)
 
 

@@ -110,14 +110,41 @@ class ResidualAdapter:
         return paths
 
 
+BOTTLENECK_MASKS = ("conv2", "conv2+conv3")
+
+
+@gin.configurable("bottleneck_masks", module="advews")
+def bottleneck_consumers(layers: str = "conv2") -> Tuple[str, ...]:
+    """Which hidden activations of a bottleneck block a subnet thins: the convs whose inputs are masked.
+
+    'conv2' (default): the input of conv2 only (the output channels of conv1), as the authors'
+    MaskBottleneck does for the ResNet-50 rows of Tables 1-3. 'conv2+conv3': also conv3's input
+    (conv2's output channels), a subnet of every hidden layer of the block.
+    """
+    if layers not in BOTTLENECK_MASKS:
+        raise AdvewsError(f"bottleneck_masks.layers must be one of {', '.join(BOTTLENECK_MASKS)}, got {layers!r}")
+    return tuple(layers.split("+"))
+
+
+@dataclass(frozen=True)
+class BottleneckAdapter:
+    """A ``ResidualAdapter`` whose masked layers follow ``bottleneck_masks`` when a model is discovered."""
+
+    output: str
+    shortcut: str = "shortcut"
+
+    def __call__(self, name: str, block: nn.Module) -> Sequence[PathSpace]:
+        return ResidualAdapter(self.output, bottleneck_consumers(), self.shortcut)(name, block)
+
+
 _ADAPTERS: Dict[Type[nn.Module], Adapter] = {
     PreActBlock: ResidualAdapter("conv2", ("conv2",)),
     WideBlock: ResidualAdapter("conv2", ("conv2",)),
     BasicBlock: ResidualAdapter("bn2", ("conv2",)),
-    Bottleneck: ResidualAdapter("bn3", ("conv2", "conv3")),
+    Bottleneck: BottleneckAdapter("bn3"),
     # torchvision's ResNets (``tv_resnet50``): ``downsample`` is None for an identity shortcut
     tv_resnet.BasicBlock: ResidualAdapter("bn2", ("conv2",), shortcut="downsample"),
-    tv_resnet.Bottleneck: ResidualAdapter("bn3", ("conv2", "conv3"), shortcut="downsample"),
+    tv_resnet.Bottleneck: BottleneckAdapter("bn3", shortcut="downsample"),
 }
 
 
