@@ -301,3 +301,15 @@ def test_build_search_names(space):
     assert isinstance(build_search("l1", space, RHO), L1Search)
     with pytest.raises(AdvewsError, match="controller, random, l1"):
         build_search("evolution", space, RHO)
+
+
+def test_search_seed_follows_the_run_seed(space):
+    """Unseeded searches take torch's seed (train.seed in a run): seeds differ, so do controllers."""
+    def first_subnets(seed):
+        torch.manual_seed(seed)
+        c, r = ControllerSearch(space, RHO), RandomSearch(space, RHO)
+        return [c.sample() for _ in range(5)], [r.sample() for _ in range(5)], c.controller.start.detach().clone()
+
+    a, b, other = first_subnets(1), first_subnets(1), first_subnets(2)
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+    assert a[0] != other[0] and a[1] != other[1] and not torch.equal(a[2], other[2])

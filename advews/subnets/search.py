@@ -50,6 +50,11 @@ def _fp32():
     return torch.autocast("cpu", enabled=False)
 
 
+def _seed(seed: Optional[int]) -> int:
+    """None: the global torch seed (``train.seed`` in a training run; identical on every DDP rank)."""
+    return torch.initial_seed() if seed is None else seed
+
+
 def _accuracies(score: Score, subnets: List[Subnet]) -> torch.Tensor:
     acc = torch.as_tensor(score(subnets)).detach().to("cpu", torch.float32).flatten()
     if acc.numel() != len(subnets):
@@ -67,6 +72,8 @@ class ControllerSearch(WeakSubnetSearch):
     the other samples of the same update (learned ~5x faster in the MNIST prototype); the EMA is still
     tracked for logging. Loss = -(advantage * log_prob).mean() - entropy_weight * entropy.mean().
     Sampling uses a dedicated generator, so the global RNG is untouched and resume is exact.
+    ``seed`` None (default): ``torch.initial_seed()``, i.e. the run's ``train.seed``, so runs with
+    different seeds also start from different controllers and draw different subnets.
     """
 
     def __init__(
@@ -81,9 +88,10 @@ class ControllerSearch(WeakSubnetSearch):
         grad_clip: float = 3.0,
         leave_one_out: bool = False,
         hidden: int = 100,
-        seed: int = 0,
+        seed: Optional[int] = None,
     ):
         super().__init__(space, rho)
+        seed = _seed(seed)
         if leave_one_out and num_samples < 2:
             raise AdvewsError("leave_one_out needs num_samples >= 2")
         self.num_samples = num_samples
@@ -175,10 +183,12 @@ def random_subnet(space: SubnetSpace, rho: float, generator: Optional[torch.Gene
 
 @gin.configurable
 class RandomSearch(WeakSubnetSearch):
-    """Uniform random subnets; ``update`` only scores ``num_samples`` of them, for logging."""
+    """Uniform random subnets; ``update`` only scores ``num_samples`` of them, for logging.
+    ``seed`` None: the run's seed, as for ``ControllerSearch``."""
 
-    def __init__(self, space: SubnetSpace, rho: float, num_samples: int = 1, seed: int = 0):
+    def __init__(self, space: SubnetSpace, rho: float, num_samples: int = 1, seed: Optional[int] = None):
         super().__init__(space, rho)
+        seed = _seed(seed)
         self.num_samples = num_samples
         self.generator = torch.Generator().manual_seed(seed)
 
