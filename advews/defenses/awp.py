@@ -19,11 +19,11 @@ import gin
 import torch
 from torch import nn
 
+from advews import collectives
 from advews.defenses.at import AT
 from advews.defenses.base import Batch
 from advews.defenses.registry import register_defense
 from advews.defenses.trades import TRADES
-from advews.engine import distributed
 from advews.errors import AdvewsError
 
 
@@ -95,7 +95,7 @@ class AWPMixin:
             self.label_smoothing = smoothing
         self.proxy_optimizer.zero_grad(set_to_none=True)
         ascent.backward()
-        distributed.average_gradients(self.proxy)  # one proxy step, identical on every rank
+        collectives.average_gradients(self.proxy)  # one proxy step, identical on every rank
         self.proxy_optimizer.step()
         self.proxy_optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from advews.defenses.base import Batch, Defense, DefenseOutput
+from advews import collectives
+from advews.defenses.base import Batch, DefenseOutput
 from advews.defenses.registry import register_deriver
-from advews.engine import distributed
 from advews.errors import AdvewsError
 from advews.subnets import Subnet, build_search, set_bn_mode, space_of, subnet
 
@@ -106,7 +106,7 @@ class EWSMixin:
                         accs.append((model(x).argmax(1) == y).float().mean())
                 # Under DDP every rank scores the same subnets on its shard: the reward is the mean
                 # over ranks, so every rank's controller takes the same update and stays identical.
-                return distributed.all_reduce_mean(torch.stack(accs))
+                return collectives.all_reduce_mean(torch.stack(accs))
         finally:
             for m, training in modes:
                 m.training = training
