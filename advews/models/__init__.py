@@ -8,6 +8,7 @@ import gin
 from torch import nn
 
 from advews.errors import AdvewsError
+from advews.models.dm_wide_resnet import DMBlock, DMWideResNet, dm_wrn_28_10, dm_wrn_70_16
 from advews.models.normalize import Normalized
 from advews.models.preact_resnet import PreActBlock, PreActResNet, preact_resnet18, small_preact_resnet
 from advews.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
@@ -32,6 +33,9 @@ ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
     "wrn_28_10": wrn_28_10,
     "wrn_34_10": wrn_34_10,
     "wide_resnet": WideResNet,
+    "dm_wrn_28_10": dm_wrn_28_10,
+    "dm_wrn_70_16": dm_wrn_70_16,
+    "dm_wide_resnet": DMWideResNet,
     "tv_resnet50": tv_resnet50,
 }
 
@@ -62,7 +66,8 @@ def build_model(spec: Dict[str, Any]) -> Normalized:
 
 
 __all__ = [
-    "ARCHITECTURES", "BasicBlock", "Bottleneck", "Normalized", "PreActBlock", "PreActResNet", "ResNet",
-    "WideBlock", "WideResNet", "build_model", "model_spec", "preact_resnet18", "resnet18", "resnet50",
-    "small_preact_resnet", "tv_resnet50", "wrn_28_10", "wrn_34_10",
+    "ARCHITECTURES", "BasicBlock", "Bottleneck", "DMBlock", "DMWideResNet", "Normalized",
+    "PreActBlock", "PreActResNet", "ResNet", "WideBlock", "WideResNet", "build_model", "dm_wrn_28_10",
+    "dm_wrn_70_16", "model_spec", "preact_resnet18", "resnet18", "resnet50", "small_preact_resnet",
+    "tv_resnet50", "wrn_28_10", "wrn_34_10",
 ]

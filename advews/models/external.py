@@ -7,6 +7,11 @@ behind a ``module.`` (DataParallel) or ``model.`` prefix. An explicit rename tab
 names; a key that already names one of our tensors is kept as it is, so our own layout and
 torchvision's load unchanged and our ResNets' stem ``bn1`` is never mistaken for the WRN's final BN.
 Every shape is checked, and nothing is dropped silently except the tensors listed in ``UNUSED``.
+
+DeepMind's WideResNet (RobustBench's ``DMWideResNet``: ``layer.0.block.0.conv_0``, ``logits``) needs
+no renaming: ``dm_wide_resnet`` / ``dm_wrn_28_10`` / ``dm_wrn_70_16`` use its names (pass
+``options={'activation': 'relu'}`` for its ReLU entries). It bakes its own input statistics into the
+net; ``normalization='cifar10_dm'`` / ``'cifar100_dm'`` are those, for logits equal to the reference's.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ from advews.data.cifar import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100
 from advews.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from advews.errors import AdvewsError
 from advews.models import build_model
+from advews.models.dm_wide_resnet import DM_CIFAR10_MEAN, DM_CIFAR10_STD, DM_CIFAR100_MEAN, DM_CIFAR100_STD
 from advews.models.normalize import Normalized
 
 NORMALIZATIONS: Dict[str, Optional[Tuple[Sequence[float], Sequence[float]]]] = {
     "cifar10": (CIFAR10_MEAN, CIFAR10_STD),
     "cifar100": (CIFAR100_MEAN, CIFAR100_STD),
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    # the statistics DeepMind's / RobustBench's DMWideResNet bake in (std 0.2471 where advews has 0.2470)
+    "cifar10_dm": (DM_CIFAR10_MEAN, DM_CIFAR10_STD),
+    "cifar100_dm": (DM_CIFAR100_MEAN, DM_CIFAR100_STD),
     "none": None,
 }
 

@@ -6,12 +6,15 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from advews.models.activation import activation_fn
+
 
 class WideBlock(nn.Module):
-    """Pre-activation wide block; the shortcut is a 1x1 conv when the shape changes."""
+    """Pre-activation wide block; the shortcut is a 1x1 conv when the shape changes. act: ReLU or SiLU."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0, activation: str = "relu"):
         super().__init__()
+        self.act = activation_fn(activation)
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -22,14 +25,16 @@ class WideBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
+        out = self.act(self.bn1(x))
         shortcut = self.shortcut(out) if len(self.shortcut) > 0 else self.shortcut(x)
         out = self.conv1(out)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
+        out = self.conv2(self.dropout(self.act(self.bn2(out))))
         return out + shortcut
 
 
 class WideResNet(nn.Module):
+    """The TRADES / AWP WideResNet; ``activation`` 'relu' (default) or 'silu' changes no weight names."""
+
     def __init__(
         self,
         depth: int = 28,
@@ -37,8 +42,10 @@ class WideResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         dropout: float = 0.0,
+        activation: str = "relu",
     ):
         super().__init__()
+        self.act = activation_fn(activation)
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n+4 (e.g. 28, 34), got {depth}")
         n = (depth - 4) // 6
@@ -49,7 +56,7 @@ class WideResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                blocks.append(WideBlock(in_planes, w, stride, dropout))
+                blocks.append(WideBlock(in_planes, w, stride, dropout, activation))
                 in_planes = w
             layers.append(nn.Sequential(*blocks))
         self.layers = nn.Sequential(*layers)
@@ -57,13 +64,17 @@ class WideResNet(nn.Module):
         self.linear = nn.Linear(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn(self.layers(self.conv1(x))))
+        out = self.act(self.bn(self.layers(self.conv1(x))))
         return self.linear(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-def wrn_28_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
-    return WideResNet(28, 10, num_classes, in_channels, dropout)
+def wrn_28_10(
+    num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0, activation: str = "relu"
+) -> WideResNet:
+    return WideResNet(28, 10, num_classes, in_channels, dropout, activation)
 
 
-def wrn_34_10(num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0) -> WideResNet:
-    return WideResNet(34, 10, num_classes, in_channels, dropout)
+def wrn_34_10(
+    num_classes: int = 10, in_channels: int = 3, dropout: float = 0.0, activation: str = "relu"
+) -> WideResNet:
+    return WideResNet(34, 10, num_classes, in_channels, dropout, activation)

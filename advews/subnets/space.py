@@ -16,7 +16,7 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 
 from advews.errors import AdvewsError
-from advews.models import BasicBlock, Bottleneck, PreActBlock, WideBlock
+from advews.models import BasicBlock, Bottleneck, DMBlock, PreActBlock, WideBlock
 
 
 @gin.configurable
@@ -140,6 +140,7 @@ class BottleneckAdapter:
 _ADAPTERS: Dict[Type[nn.Module], Adapter] = {
     PreActBlock: ResidualAdapter("conv2", ("conv2",)),
     WideBlock: ResidualAdapter("conv2", ("conv2",)),
+    DMBlock: ResidualAdapter("conv_1", ("conv_1",)),  # shortcut: a 1x1 conv or an nn.Identity
     BasicBlock: ResidualAdapter("bn2", ("conv2",)),
     Bottleneck: BottleneckAdapter("bn3"),
     # torchvision's ResNets (``tv_resnet50``): ``downsample`` is None for an identity shortcut
