@@ -178,8 +178,25 @@ def test_refuses_pickled_code(tmp_path):
     for name in ("train", "test"):
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": os.system}, f, protocol=2)
-    with pytest.raises(AdvewsError, match="refusing to unpickle"):
+    with pytest.raises(AdvewsError, match="refusing to unpickle") as info:
         load_cifar100(str(tmp_path))
+    assert str(folder / "train") in str(info.value)
+
+
+def test_truncated_or_foreign_cifar_batches_are_one_line(tmp_path):
+    """A download cut short must say which file and what to do, not end in an UnpicklingError."""
+    _fake_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(AdvewsError) as info:
+        load_cifar10(str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message and str(batch) in message and "truncated or corrupt" in message
+    assert "cifar-10-python.tar.gz" in message
+    with open(batch, "wb") as f:
+        pickle.dump([1, 2, 3], f, protocol=2)
+    with pytest.raises(AdvewsError, match="is not a CIFAR-10 batch"):
+        load_cifar10(str(tmp_path))
 
 
 # ---- batches ------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""advews-eval on a real (tiny) checkpoint: attack numbers, JSON output, npz data, subnet analysis."""
+"""advews-eval on a real (tiny) checkpoint: attack numbers, JSON output, npz data, subnet analysis,
+and results that survive an unwritable output."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -85,3 +87,77 @@ def test_subnet_analysis_json(checkpoint, tmp_path):
     assert res["bn_train"]["random"]["robust"]["n"] == 4
     # rho 0.5 subnets of a barely trained net are much weaker than the full net
     assert res["random"]["clean"]["mean"] < res["full"]["clean"]["mean"]
+
+
+def test_unwritable_output_is_refused_before_any_work(checkpoint, tmp_path, monkeypatch, capsys):
+    """An hours-long evaluation must not start when its result could not be written at the end."""
+    import advews.engine.checkpoint
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the checkpoint was loaded before the output was checked")
+
+    monkeypatch.setattr(advews.engine.checkpoint, "load_checkpoint", no_work)
+    (tmp_path / "afile").write_text("x")
+    for flag, path in (("--output", "afile/r.json"), ("--hdf5", "afile/r.h5"), ("--output", str(tmp_path))):
+        target = path if os.path.isabs(path) else str(tmp_path / path)
+        assert eval_main(["--checkpoint", str(checkpoint), flag, target, "--force"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"cannot write {flag} {target}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_late_write_failure_saves_the_result_elsewhere(checkpoint, tmp_path, monkeypatch, capsys):
+    """If --output and --hdf5 become unwritable during the run, the result goes to a fallback file
+    that the one error line names, and the exit code says something went wrong."""
+    import advews.cli.eval as cli
+
+    evaluate = cli.evaluate
+
+    def evaluate_then_lose_the_folder(*args, **kwargs):
+        result = evaluate(*args, **kwargs)
+        os.rmdir(tmp_path / "results")
+        (tmp_path / "results").write_text("now a file")
+        return result
+
+    monkeypatch.setattr(cli, "evaluate", evaluate_then_lose_the_folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").mkdir()
+    code = eval_main(["--checkpoint", str(checkpoint), "--attack", "fgsm", "--n-examples", "32",
+                      "--output", "results/r.json", "--hdf5", "results/r.h5"])
+    captured = capsys.readouterr()
+    assert code == 2 and "clean acc" in captured.out
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "could not write --output results/r.json" in err, err
+    saved = {p.suffix: p for p in tmp_path.glob("advews-eval-*")}
+    assert set(saved) == {".json", ".h5"} and all(str(p) in err for p in saved.values())
+    res = json.loads(saved[".json"].read_text())
+    assert res["n_examples"] == 32 and res["hdf5"] == str(saved[".h5"])
+    from advews.evaluation.per_example import load_per_example
+
+    assert len(load_per_example(str(saved[".h5"]))["labels"]) == 32
+
+
+def test_progress_bars_only_on_a_terminal(checkpoint, monkeypatch, capfd):
+    """A batch job's log gets no progress output; a terminal gets bars that vanish when done."""
+    import io
+    import sys
+
+    from advews.data import ArrayDataset
+    from advews.evaluation.robust import correct_flags
+
+    assert eval_main(["--checkpoint", str(checkpoint), "--attack", "fgsm", "--n-examples", "64",
+                      "--batch-size", "16"]) == 0
+    assert capfd.readouterr().err == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    data = ArrayDataset(torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64))
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    correct_flags(model, data, batch_size=2, desc="clean")
+    shown = terminal.getvalue()
+    assert "clean" in shown and "/4 " in shown
+    assert shown.rstrip(" ").endswith("\r")  # leave=False: the finished bar is erased

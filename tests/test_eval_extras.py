@@ -164,3 +164,37 @@ def test_fast_scoring_equals_plain_per_batch_evaluation():
         for kind, inputs in (("clean", x), ("robust", x_adv)):
             assert per_mode["random"][kind]["values"] == [plain(inputs, a, bn) for a in subnets]
     assert len(set(res["l1"]["robust"]["values"])) == 1 and res["l1"]["robust"]["n"] == 4
+
+
+def test_subnet_analysis_shows_progress_on_a_terminal_only(monkeypatch, capfd):
+    """The analysis can run for many minutes: each stage gets a bar on a terminal, none in a log,
+    and the numbers do not depend on it."""
+    import io
+    import sys
+
+    torch.manual_seed(0)
+    model = build_model({"arch": "small_preact_resnet", "options": {"widths": (4, 8, 8)},
+                         "num_classes": 3, "in_channels": 3}).eval()
+    x, y = torch.rand(40, 3, 8, 8), torch.randint(0, 3, (40,))
+
+    def attack(model, xb, yb):
+        return (xb + 0.1).clamp(0, 1)
+
+    def analyze():
+        return analyze_subnets(model, (x[:20], y[:20]), (x[20:], y[20:]), attack, 0.5, n_subnets=2,
+                               strategies=("random", "controller"), search_updates=2, batch_size=8, seed=1,
+                               bn_modes=("eval",), block_samples=1, show_progress=True)
+
+    quiet = analyze()
+    assert capfd.readouterr().err == ""
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert analyze() == quiet
+    shown = terminal.getvalue()
+    for stage in ("attacking the test split", "controller search", "random subnets, BN eval", "block vulnerability"):
+        assert stage in shown, stage

@@ -64,12 +64,18 @@ def test_bad_files_are_one_line_errors(tmp_path):
     np.savez(tmp_path / "float.npz", image=images.astype(np.float32), label=labels)
     np.savez(tmp_path / "labels.npz", image=images, label=labels + 5)
     np.savez(tmp_path / "objects.npz", image=np.array([images], dtype=object), label=labels)
+    (tmp_path / "truncated.npz").write_bytes((tmp_path / "ok.npz").read_bytes()[:2000])
+    (tmp_path / "text.npz").write_text("image,label\n")
+    (tmp_path / "truncated.pickle").write_bytes(pickle.dumps({"image": images, "label": labels})[:500])
     cases = {
         "ok.npz": ("(1, 28, 28) (C, H, W), the labeled data's are (3, 32, 32)", {"image_shape": (3, 32, 32)}),
         "keys.npz": ("must hold arrays image/label or data/extrapolated_targets, found x, y", {}),
         "float.npz": ("N x H x W x C uint8", {}),
         "labels.npz": ("labels span [5, 10], allowed [0, 10)", {"num_classes": 10}),
-        "objects.npz": ("without pickles", {}),
+        "objects.npz": ("holds object arrays, which need unpickling", {}),
+        "truncated.npz": ("cannot read", {}),
+        "text.npz": ("is not an npz archive", {}),
+        "truncated.pickle": ("cannot unpickle", {"allow_pickle": True}),
         "missing.npz": ("not found", {}),
         "ok.txt": ("unknown suffix '.txt'", {}),
     }

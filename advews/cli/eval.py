@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -15,18 +14,32 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from advews.attacks.autoattack import AA_ATTACKS, VERSIONS
-from advews.attacks.zoo import ZOO
 from advews.cli.common import run_cli
-from advews.cli.eval_sources import check_model_source, describe, home_dir, load_eval_data, load_model
+from advews.cli.eval_checks import (
+    OneLineParser,
+    autoattack_cascade,
+    check_checkpoint,
+    check_flags,
+    check_outputs,
+    checkpoint_image_shape,
+    parse_attacks,
+    write_or_fallback,
+)
+from advews.cli.eval_sources import (
+    check_model_source,
+    corruption_cache,
+    describe,
+    home_dir,
+    load_eval_data,
+    load_model,
+)
 from advews.cli.eval_subnets import draw_subnet_figures, run_subnet_analysis
 from advews.errors import AdvewsError
+from advews.evaluation.checks import check_eval_data
 from advews.evaluation.corruptions import SPEC_FORMS
 from advews.evaluation.robust import correct_flags
 from advews.evaluation.worst_case import worst_case
 from advews.models.external import NORMALIZATIONS
-
-NATIVE = ("pgd", "fgsm")
-ATTACKS = NATIVE + tuple(ZOO) + ("autoattack", "none")
 
 ATTACK_HELP = (
     "comma-separated attacks, each reported alone and all together as the per-point worst case (a point "
@@ -39,7 +52,7 @@ ATTACK_HELP = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="advews-eval", description="Evaluate a model's clean and robust accuracy, its corruption error "
         "or its subnets. The model: exactly one of --checkpoint, --arch with --weights, or --model.")
     p.add_argument("--checkpoint", metavar="PATH", help="a best.pt or last.pt of advews-train")
@@ -110,34 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_attacks(spec: str) -> List[str]:
-    """The attack names of a comma-separated ``--attack``, checked."""
-    names = [n.strip() for n in spec.split(",")]
-    bad = [n for n in names if n not in ATTACKS]
-    if bad:
-        raise AdvewsError(f"unknown --attack {bad[0]!r}; choose from {', '.join(ATTACKS)} (comma-separated)")
-    if len(set(names)) != len(names):
-        raise AdvewsError(f"--attack {spec!r} names an attack twice")
-    if "none" in names and len(names) > 1:
-        raise AdvewsError(f"--attack none means clean accuracy only; it cannot be combined, got {spec!r}")
-    return names
-
-
-def autoattack_cascade(args: argparse.Namespace, names: List[str]) -> Optional[List[str]]:
-    """The --aa-attacks list (None unless --version custom), after checking the AutoAttack flags."""
-    if "autoattack" not in names:
-        if args.state or args.aa_attacks or args.version != "standard":
-            raise AdvewsError("--state, --version and --aa-attacks configure autoattack; add it to --attack")
-        return None
-    if args.version != "custom":
-        if args.aa_attacks:
-            raise AdvewsError(f"--aa-attacks needs --version custom; --version {args.version} fixes its own cascade")
-        return None
-    if not args.aa_attacks:
-        raise AdvewsError(f"--version custom needs --aa-attacks, a comma-separated list from {', '.join(AA_ATTACKS)}")
-    return [a.strip() for a in args.aa_attacks.split(",")]
-
-
 def threat_model(args: argparse.Namespace, threat: Dict[str, Any]) -> Tuple[float, str]:
     """eps and norm: the flags, else the ones the checkpoint was trained with."""
     eps = args.eps if args.eps is not None else threat.get("eps")
@@ -176,13 +161,7 @@ def _main(args: argparse.Namespace) -> int:
     from advews.engine.checkpoint import load_checkpoint
     from advews.engine.trainer import resolve_device
 
-    for path, flag in ((args.output, "--output"), (args.hdf5, "--hdf5")):
-        if path and os.path.exists(path) and not args.force:
-            raise AdvewsError(f"{path} exists; choose another {flag} or pass --force")
-    if args.n_examples is not None and args.n_examples < 1:
-        raise AdvewsError(f"--n-examples must be >= 1, got {args.n_examples}")
-    if args.batch_size < 1:
-        raise AdvewsError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_flags(args)  # everything below that can be refused is refused before anything slow
     check_model_source(args)
     attack_spec = args.attack if args.attack is not None else "none" if args.corruptions else "pgd"
     names = parse_attacks(attack_spec)
@@ -192,12 +171,15 @@ def _main(args: argparse.Namespace) -> int:
                           "run them separately")
     if args.analysis == "subnets" and (len(names) > 1 or names == ["autoattack"]):
         raise AdvewsError(f"--analysis subnets takes one --attack other than autoattack, got {attack_spec!r}")
+    folders = {"figures into": home_dir(args)} if args.analysis == "subnets" and not args.output else {}
+    if (args.corruptions or "").startswith("generated"):
+        folders["--cache-dir"] = corruption_cache(args)
+    check_outputs(args, folders)
     device = resolve_device(args.device)
     state: Dict[str, Any] = {}
     if args.checkpoint:
         state = load_checkpoint(args.checkpoint, map_location=device)
-        if "model_spec" not in state:
-            raise AdvewsError(f"{args.checkpoint} is not an advews checkpoint (no model_spec)")
+        check_checkpoint(args.checkpoint, state)
     attacks: Dict[str, Any] = {}
     params: Dict[str, Dict[str, Any]] = {}
     if names != ["none"]:
@@ -207,6 +189,9 @@ def _main(args: argparse.Namespace) -> int:
     data = load_eval_data(args.data, state.get("data_spec", {}))
     model, info = load_model(args, state, data)
     model = model.to(device)
+    where = f"--data {args.data}" if args.data else f"the test split of {state['data_spec'].get('dataset')}"
+    check_eval_data(model, data, where, image_shape=checkpoint_image_shape(state) if state else None,
+                    device=device)
     if args.n_examples is not None:
         data = data.subset(torch.arange(min(args.n_examples, len(data))))
     torch.manual_seed(args.seed)
@@ -215,10 +200,14 @@ def _main(args: argparse.Namespace) -> int:
         result = run_subnet_analysis(args, model, data, attacks.get(names[0]), params.get(names[0], {}),
                                      state, info, attack_spec, device)
         result["seconds"] = round(time.time() - start, 2)
-        write_json(args, result)
-        for path in draw_subnet_figures(args, result, info):
-            print(f"wrote {path}")
-        return 0
+        failed = write_json(args, result)
+        try:
+            for path in draw_subnet_figures(args, result, info):
+                print(f"wrote {path}")
+        except OSError as error:
+            failed.append(f"could not draw the figures ({error.strerror or error}); the numbers are in the report "
+                          "above" + (" and in --output" if args.output else ""))
+        return report_failures(failed)
     corruptions = run_corruptions(args, model, data, device) if args.corruptions else None
     clean, robust, entries, stages = evaluate(args, model, data, attacks, params, device)
     shared: Dict[str, Any] = {}  # one attack keeps its parameters at the top level, as before lists existed
@@ -237,20 +226,21 @@ def _main(args: argparse.Namespace) -> int:
         **({"corruptions": corruptions} if corruptions else {}),
         "seconds": round(time.time() - start, 2),
     }
+    failed: List[str] = []
     if args.hdf5:
         from advews.evaluation.per_example import save_per_example
 
         labels = torch.cat([y for _, y in data.batches(args.batch_size)])
-        save_per_example(args.hdf5, labels=labels, clean=clean, robust=robust, params=params, stages=stages,
-                         attrs={"seed": args.seed, **info, **{k: result[k] for k in ("attack", "n_examples")}})
-        result["hdf5"] = args.hdf5
+        attrs = {"seed": args.seed, **info, **{k: result[k] for k in ("attack", "n_examples")}}
+        result["hdf5"], failure = write_or_fallback(args.hdf5, "--hdf5", lambda path: save_per_example(
+            path, labels=labels, clean=clean, robust=robust, params=params, stages=stages, attrs=attrs))
+        failed += [failure] if failure else []
     print_report(result, names, info)
     if corruptions:
         from advews.evaluation.corruptions import format_table
 
         print(format_table(corruptions))
-    write_json(args, result)
-    return 0
+    return report_failures(failed + write_json(args, result))
 
 
 def run_corruptions(
@@ -260,8 +250,7 @@ def run_corruptions(
     test split) and cached. Run before the attacks, so a bad spec fails before anything slow."""
     from advews.evaluation.corruptions import run_corruption_benchmark
 
-    cache_dir = args.cache_dir or os.path.join(home_dir(args), "corruption_cache")
-    return run_corruption_benchmark(model, args.corruptions, default_dataset=data, cache_dir=cache_dir,
+    return run_corruption_benchmark(model, args.corruptions, default_dataset=data, cache_dir=corruption_cache(args),
                                     batch_size=args.batch_size, device=device, n_examples=args.n_examples,
                                     seed=args.seed)
 
@@ -276,7 +265,7 @@ def evaluate(
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Dict[str, Any]], Dict[str, Dict[str, torch.Tensor]]]:
     """Per-example clean and per-attack robust flags, the JSON entry of each attack, and the per-stage
     flags of cascades. Each attack starts from ``--seed``, so its numbers do not depend on the others."""
-    clean = correct_flags(model, data, batch_size=args.batch_size, device=device)
+    clean = correct_flags(model, data, batch_size=args.batch_size, device=device, desc="clean")
     robust: Dict[str, torch.Tensor] = {}
     entries: Dict[str, Dict[str, Any]] = {}
     stages: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -289,7 +278,8 @@ def evaluate(
             robust[name], stages[name] = res["robust"], res["stage_robust"]
             extra = {"stages": res["stages"], "warnings": res["warnings"]}
         else:
-            robust[name] = correct_flags(model, data, attack, batch_size=args.batch_size, device=device)
+            robust[name] = correct_flags(model, data, attack, batch_size=args.batch_size, device=device,
+                                         desc=name)
         entries[name] = {"robust_acc": _fraction(robust[name]), **params[name], **extra,
                          "seconds": round(time.time() - start, 2)}
     return clean, robust, entries, stages
@@ -344,11 +334,24 @@ def print_report(result: Dict[str, Any], names: List[str], info: Dict[str, Any])
     print(f"{'worst case':<16}{100 * result['robust_acc']:>10.2f}%  robust only if every attack above fails")
 
 
-def write_json(args: argparse.Namespace, result: Dict[str, Any]) -> None:
-    if args.output:
-        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
+def write_json(args: argparse.Namespace, result: Dict[str, Any]) -> List[str]:
+    """Write --output (if given); a failure writes a fallback file and returns the line saying where."""
+    if not args.output:
+        return []
+
+    def write(path: str) -> None:
+        with open(path, "w") as f:
             json.dump(result, f, indent=2)
+
+    _, failure = write_or_fallback(args.output, "--output", write)
+    return [failure] if failure else []
+
+
+def report_failures(failed: List[str]) -> int:
+    """Exit 0, or refuse (one line) when a result had to go to a fallback file."""
+    if failed:
+        raise AdvewsError("; ".join(failed))
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -18,20 +18,30 @@ from advews.models.external import NORMALIZATIONS
 # Data options that shape only the training split: evaluation never reloads the extra data.
 TRAIN_ONLY_DATA = ("train_limit", "extra_data", "extra_fraction", "allow_pickle")
 DATA_FORMS = "npz:FILE or dataset:NAME[:ROOT]"
-# Fig. 7 draws every sampled subnet as a dot: more than this many per block add time, not insight.
+CHANNELS = (1, 3, 4)  # grey, RGB, RGBA: a last axis of another size means the layout is wrong
 
 
 def load_npz(path: str):
+    """An npz file's x (N x H x W x C uint8) and y (N integers) as a dataset, read without pickles."""
     from advews.data import ArrayDataset
+    from advews.data.npz import read_npz
 
     if not os.path.isfile(path):
         raise AdvewsError(f"--data npz file not found: {path}")
-    with np.load(path, allow_pickle=False) as f:
-        if "x" not in f or "y" not in f:
-            raise AdvewsError(f"{path} must hold arrays 'x' and 'y', found {', '.join(f.files) or 'none'}")
-        x, y = f["x"], f["y"]
+
+    def pick(keys):
+        if "x" not in keys or "y" not in keys:
+            raise AdvewsError(f"{path} must hold arrays 'x' and 'y', found {', '.join(keys) or 'none'}")
+        return "x", "y"
+
+    x, y = read_npz(path, pick)
     if x.dtype != np.uint8 or x.ndim != 4:
         raise AdvewsError(f"{path}: x must be N x H x W x C uint8, got {x.dtype} with shape {x.shape}")
+    if len(x) == 0:
+        raise AdvewsError(f"{path}: x holds no images (N = 0)")
+    if x.shape[3] not in CHANNELS and x.shape[1] in CHANNELS:
+        raise AdvewsError(f"{path}: x of shape {x.shape} looks like N x C x H x W; store N x H x W x C "
+                          "(numpy.transpose(x, (0, 2, 3, 1)))")
     if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
         raise AdvewsError(f"{path}: y must be {len(x)} integers, got {y.dtype} with shape {y.shape}")
     return ArrayDataset(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y.astype(np.int64)))
@@ -124,3 +134,8 @@ def describe(info: Dict[str, Any]) -> str:
 def home_dir(args: argparse.Namespace) -> str:
     """Where derived files go by default: the checkpoint's directory, else the current one."""
     return os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd()
+
+
+def corruption_cache(args: argparse.Namespace) -> str:
+    """Where generated corruptions are cached: --cache-dir, else corruption_cache in ``home_dir``."""
+    return args.cache_dir or os.path.join(home_dir(args), "corruption_cache")

@@ -21,30 +21,15 @@ def run_subnet_analysis(
     """--analysis subnets: the search trains on the validation split of the checkpoint's dataset (or of
     --data dataset:NAME), subnets are judged on ``test``; prints the tables and returns the JSON."""
     from advews.data import load_data
-    from advews.evaluation.subnet_analysis import BN_MODES, STRATEGIES, analyze_subnets
+    from advews.evaluation.subnet_analysis import analyze_subnets
 
+    # the flags were checked before anything was loaded (eval_checks.check_analysis_flags)
     strategies = [s for s in args.search.split(",") if s]
-    bad = [s for s in strategies if s not in STRATEGIES]
-    if bad or not strategies:
-        raise AdvewsError(f"bad --search {args.search!r}; use a comma-separated list of {', '.join(STRATEGIES)}")
     bn_modes = [m for m in args.bn_modes.split(",") if m]
-    if not bn_modes or any(m not in BN_MODES for m in bn_modes) or len(set(bn_modes)) != len(bn_modes):
-        raise AdvewsError(f"bad --bn-modes {args.bn_modes!r}; use eval, train or eval,train")
-    if not 0 < args.rho <= 1:
-        raise AdvewsError(f"--rho must be in (0, 1], got {args.rho}")
-    if args.n_subnets < 1:
-        raise AdvewsError(f"--n-subnets must be >= 1, got {args.n_subnets}")
-    if args.search_updates < 0:
-        raise AdvewsError(f"--search-updates must be >= 0, got {args.search_updates}")
-    if args.eval_batch_size is not None and args.eval_batch_size < 1:
-        raise AdvewsError(f"--eval-batch-size must be >= 1, got {args.eval_batch_size}")
     if state:
         bundle_spec = {k: v for k, v in state.get("data_spec", {}).items() if k not in TRAIN_ONLY_DATA}
-    elif args.data.startswith("dataset:"):
-        bundle_spec = dataset_args(args.data)
     else:
-        raise AdvewsError("--analysis subnets trains its search on a validation split: use --checkpoint or "
-                          "--data dataset:NAME[:ROOT], not npz data")
+        bundle_spec = dataset_args(args.data)
     search_data = load_data(**bundle_spec).val if bundle_spec else None
     if search_data is None:
         raise AdvewsError("--analysis subnets needs the checkpoint's validation split to train the search on")
@@ -58,6 +43,7 @@ def run_subnet_analysis(
         strategies=strategies, search_updates=args.search_updates, search_lr=args.search_lr,
         search_bn=args.search_bn, batch_size=args.batch_size, seed=args.seed, bn_modes=bn_modes,
         eval_batch_size=args.eval_batch_size, block_samples=min(args.n_subnets, MAX_BLOCK_SAMPLES),
+        show_progress=True,
     )
     result = {**info, "attack": attack_spec, **params, **result}
     print(f"subnet analysis of {describe(info)}, rho {args.rho}, {result['n_examples']} test examples")

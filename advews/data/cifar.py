@@ -98,8 +98,7 @@ def _read(archive: _Archive, paths: List[str]) -> ArrayDataset:
     """Concatenate batch files; each row of b"data" is one image, channel planes then rows (CHW)."""
     images, labels = [], []
     for path in paths:
-        with open(path, "rb") as f:
-            entry = _ArrayUnpickler(f, encoding="bytes").load()
+        entry = _unpickle(archive, path)
         data = np.asarray(entry[b"data"], dtype=np.uint8)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(entry[archive.label_key]) != len(data):
             raise AdvewsError(f"{path} is not a {archive.title} batch: data {data.shape}")
@@ -107,6 +106,20 @@ def _read(archive: _Archive, paths: List[str]) -> ArrayDataset:
         labels.append(np.asarray(entry[archive.label_key], dtype=np.int64))
     pixels = torch.from_numpy(np.concatenate(images)).view(-1, 3, 32, 32)
     return ArrayDataset(pixels, torch.from_numpy(np.concatenate(labels)))
+
+
+def _unpickle(archive: _Archive, path: str) -> dict:
+    """One batch file's dict; a truncated or corrupt file is one line that says how to fix it."""
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, path, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, AttributeError, OSError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise AdvewsError(f"cannot read {archive.title} batch {path} ({reason}): the file is truncated or "
+                          f"corrupt; download {archive.url} again and extract it") from None
+    if not isinstance(entry, dict) or b"data" not in entry or archive.label_key not in entry:
+        raise AdvewsError(f"{path} is not a {archive.title} batch: it holds no {b'data'!r} and {archive.label_key!r}")
+    return entry
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -120,7 +133,12 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("_codecs", "encode"),
     }
 
+    def __init__(self, file, path: str, **options):
+        super().__init__(file, **options)
+        self.path = path
+
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:
-            raise AdvewsError(f"refusing to unpickle {module}.{name} from a CIFAR file")
+            raise AdvewsError(f"refusing to unpickle {module}.{name} from {self.path}: a CIFAR batch holds only "
+                              "arrays, so the file is not one (it could run code)")
         return super().find_class(module, name)

@@ -30,7 +30,8 @@ class DatasetSpec:
     """What ``load_data`` needs besides the pixels: sizes, statistics and defaults.
 
     ``augment`` is the batch augmentation of in-memory training sets; folder datasets augment each
-    example as they decode it and register None.
+    example as they decode it and register None. ``image_shape`` (C, H, W), when fixed, lets
+    advews-eval refuse other data for a model trained on this dataset before anything runs.
     """
 
     load: Loader
@@ -39,6 +40,7 @@ class DatasetSpec:
     std: Tuple[float, ...]
     val_size: int
     augment: Optional[Augment]
+    image_shape: Optional[Tuple[int, int, int]] = None
 
 
 DATASETS: Dict[str, DatasetSpec] = {}
@@ -61,15 +63,18 @@ def get_dataset(name: str) -> DatasetSpec:
 
 register_dataset(
     "mnist5k",
-    DatasetSpec(lambda root, download: load_mnist5k(), 10, (0.0,), (1.0,), val_size=500, augment=None),
+    DatasetSpec(lambda root, download: load_mnist5k(), 10, (0.0,), (1.0,), val_size=500, augment=None,
+                image_shape=(1, 28, 28)),
 )
 register_dataset(
     "cifar10",
-    DatasetSpec(load_cifar10, 10, CIFAR10_MEAN, CIFAR10_STD, val_size=1000, augment=RandomCropFlip(4)),
+    DatasetSpec(load_cifar10, 10, CIFAR10_MEAN, CIFAR10_STD, val_size=1000, augment=RandomCropFlip(4),
+                image_shape=(3, 32, 32)),
 )
 register_dataset(
     "cifar100",
-    DatasetSpec(load_cifar100, 100, CIFAR100_MEAN, CIFAR100_STD, val_size=1000, augment=RandomCropFlip(4)),
+    DatasetSpec(load_cifar100, 100, CIFAR100_MEAN, CIFAR100_STD, val_size=1000, augment=RandomCropFlip(4),
+                image_shape=(3, 32, 32)),
 )
 register_dataset(
     "imagenet",  # 10000 training images (about 10 a class) held out for model selection; val/ is the test set

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from advews.data.arrays import ArrayDataset, Augment, count_batches, to_batch
+from advews.data.npz import read_npz
 from advews.errors import AdvewsError
 
 KEY_PAIRS = (("image", "label"), ("data", "extrapolated_targets"))
@@ -46,7 +47,7 @@ def load_extra(
         raise AdvewsError(f"extra data file not found: {path}")
     suffix = os.path.splitext(path)[1].lower()
     if suffix in _NPZ:
-        images, labels = _read_npz(path)
+        images, labels = read_npz(path, lambda keys: _pair(path, keys))
     elif suffix in _HDF5:
         images, labels = _read_hdf5(path)
     elif suffix in _PICKLE:
@@ -63,15 +64,6 @@ def _pair(path: str, keys) -> Tuple[str, str]:
             return pair
     expected = " or ".join("/".join(pair) for pair in KEY_PAIRS)
     raise AdvewsError(f"{path} must hold arrays {expected}, found {', '.join(sorted(keys)) or 'none'}")
-
-
-def _read_npz(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            image_key, label_key = _pair(path, f.files)
-            return f[image_key], f[label_key]
-    except ValueError as error:  # object arrays need pickles; a corrupt archive also lands here
-        raise AdvewsError(f"cannot read {path} without pickles: {' '.join(str(error).split())}") from None
 
 
 def _read_hdf5(path: str) -> Tuple[np.ndarray, np.ndarray]:
@@ -92,8 +84,12 @@ def _read_pickle(path: str, allow_pickle: bool) -> Tuple[np.ndarray, np.ndarray]
             f"refusing to load {path}: unpickling can run arbitrary code; convert it to .npz or .h5, "
             "or set data.allow_pickle = True (allow_pickle=True) if you trust the file"
         )
-    with open(path, "rb") as f:
-        entry = pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f)
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, ValueError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise AdvewsError(f"cannot unpickle {path} (truncated or not a pickle?): {reason}") from None
     if not isinstance(entry, dict):
         raise AdvewsError(f"{path} must hold a dict, found {type(entry).__name__}")
     image_key, label_key = _pair(path, [k for k in entry if isinstance(k, str)])

@@ -84,10 +84,19 @@ def count_errors(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]]) -> 
     """
     wrong = total = 0
     for x, y in batches:
-        logits = model(x)
-        if len(y) and int(y.max()) >= logits.shape[1]:
-            raise AdvewsError(f"labels go up to {int(y.max())} but the model has {logits.shape[1]} outputs; "
-                              "is this the benchmark of the model's dataset?")
+        try:
+            logits = model(x)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            if total:  # the first batch went through: not a mismatch of the images and the model
+                raise
+            shape = " x ".join(str(d) for d in x.shape[1:])
+            raise AdvewsError(f"the model cannot take the benchmark's {shape} (C x H x W) images; is this the "
+                              f"benchmark of the model's dataset? ({' '.join(str(error).split())})") from None
+        if len(y) and (int(y.max()) >= logits.shape[1] or int(y.min()) < 0):
+            raise AdvewsError(f"labels span [{int(y.min())}, {int(y.max())}] but the model has {logits.shape[1]} "
+                              "outputs; is this the benchmark of the model's dataset?")
         wrong += int((logits.argmax(1) != y).sum())
         total += len(y)
     return wrong, total

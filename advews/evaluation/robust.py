@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from advews.attacks import Attack
+from advews.evaluation.progress import progress
 
 
 @torch.no_grad()
@@ -23,10 +24,12 @@ def correct_flags(
     batch_size: int = 256,
     device: Optional[torch.device] = None,
     with_clean: bool = False,
+    desc: Optional[str] = None,
 ):
     """Per-example bool on the CPU, in dataset order: classified correctly clean, and with ``attack``
     also after it (a point is robust only if it is correct both ways: the per-point worst case).
-    ``with_clean`` also returns the clean flags of the same pass, as ``(clean, robust)``.
+    ``with_clean`` also returns the clean flags of the same pass, as ``(clean, robust)``. ``desc``
+    names a progress bar, shown on a terminal only.
 
     The model is evaluated in eval mode and left in the mode it came in.
     """
@@ -34,7 +37,8 @@ def correct_flags(
     model.eval()
     clean, robust = [], []
     try:
-        for x, y in dataset.batches(batch_size, device=device):
+        batches = dataset.batches(batch_size, device=device)
+        for x, y in progress(batches, desc, total=dataset.num_batches(batch_size)):
             ok = _predict(model, x) == y
             clean.append(ok.cpu())
             if attack is not None:
@@ -53,9 +57,12 @@ def robust_accuracy(
     attack: Optional[Attack] = None,
     batch_size: int = 256,
     device: Optional[torch.device] = None,
+    desc: Optional[str] = None,
 ) -> Dict[str, float]:
-    """Clean accuracy and, with an attack, robust accuracy (the per-point worst case)."""
-    clean, robust = correct_flags(model, dataset, attack, batch_size=batch_size, device=device, with_clean=True)
+    """Clean accuracy and, with an attack, robust accuracy (the per-point worst case); ``desc``
+    names a progress bar, shown on a terminal only."""
+    clean, robust = correct_flags(model, dataset, attack, batch_size=batch_size, device=device, with_clean=True,
+                                  desc=desc)
     n = len(clean)
     out = {"clean_acc": float(clean.sum()) / max(n, 1), "n_examples": n}
     if attack is not None:

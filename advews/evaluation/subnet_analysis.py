@@ -24,6 +24,7 @@ from torch import nn
 
 from advews.attacks import Attack
 from advews.errors import AdvewsError
+from advews.evaluation.progress import progress
 from advews.subnets import ControllerSearch, Subnet, build_search, set_bn_mode, space_of, subnet
 
 STRATEGIES = ("random", "controller", "l1")
@@ -38,10 +39,15 @@ def summarize(values: Sequence[float]) -> Dict:
             "values": [float(v) for v in t]}
 
 
-def attacked(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optional[Attack], batch_size: int) -> torch.Tensor:
+def attacked(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, attack: Optional[Attack], batch_size: int,
+    desc: Optional[str] = None,
+) -> torch.Tensor:
+    """Adversarial examples of ``x`` against the full net, batch by batch (``desc``: a progress bar)."""
     if attack is None:
         return x
-    return torch.cat([attack(model, x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    starts = range(0, len(x), batch_size)
+    return torch.cat([attack(model, x[i:i + batch_size], y[i:i + batch_size]) for i in progress(starts, desc)])
 
 
 @torch.no_grad()
@@ -90,12 +96,12 @@ def accuracy(
 
 def train_controller(
     model: nn.Module, search: ControllerSearch, x: torch.Tensor, y: torch.Tensor,
-    updates: int, batch_size: int, bn: str, seed: int,
+    updates: int, batch_size: int, bn: str, seed: int, desc: Optional[str] = None,
 ) -> List[float]:
     """Train the controller against the frozen model: each update scores its samples on a random batch."""
     gen = torch.Generator().manual_seed(seed)
     history = []
-    for _ in range(updates):
+    for _ in progress(range(updates), desc):
         idx = torch.randperm(len(x), generator=gen)[:batch_size]
         xb, yb = x[idx], y[idx]
         stats = search.update(lambda subnets: torch.tensor([accuracy(model, xb, yb, a, bn, batch_size) for a in subnets]))
@@ -105,11 +111,11 @@ def train_controller(
 
 def subnet_stats(
     model: nn.Module, subnets: Sequence[Subnet], views: Mapping[str, torch.Tensor], y: torch.Tensor,
-    bn: str, batch_size: int,
+    bn: str, batch_size: int, desc: Optional[str] = None,
 ) -> Dict[str, Dict]:
     """``summarize`` of each view's accuracy over ``subnets``; a subnet drawn again is scored once."""
     scores: Dict[Subnet, Dict[str, float]] = {}
-    for alpha in subnets:
+    for alpha in progress(subnets, desc):
         key = alpha.canonical()
         if key not in scores:
             scores[key] = accuracies(model, views, y, alpha, bn, batch_size)
@@ -133,6 +139,7 @@ def analyze_subnets(
     bn_modes: Sequence[str] = BN_MODES,
     eval_batch_size: Optional[int] = None,
     block_samples: int = 0,
+    show_progress: bool = False,
 ) -> Dict:
     """The analysis behind ``advews-eval --analysis subnets``; returns the JSON-ready result.
 
@@ -140,6 +147,7 @@ def analyze_subnets(
     ``bn_train``). ``eval_batch_size``: rows per forward with BN in eval mode, where it changes only
     the speed (default ``batch_size``). ``block_samples`` > 0 adds ``block_vulnerability`` (the
     paper's Fig. 7, BN eval mode) with that many subnets per block, on the same adversarial inputs.
+    ``show_progress``: a progress bar per stage on a terminal (the analysis can take many minutes).
     """
     bad = [m for m in bn_modes if m not in BN_MODES]
     if bad or not bn_modes:
@@ -150,13 +158,17 @@ def analyze_subnets(
     torch.manual_seed(seed)
     xs, ys = search_set
     xt, yt = test_set
-    xs_adv = attacked(model, xs, ys, attack, batch_size)
-    xt_adv = attacked(model, xt, yt, attack, batch_size)
+    def bar(text: str) -> Optional[str]:
+        return text if show_progress else None
+
+    xs_adv = attacked(model, xs, ys, attack, batch_size, bar("attacking the search split"))
+    xt_adv = attacked(model, xt, yt, attack, batch_size, bar("attacking the test split"))
     # without an attack the robust numbers are the clean ones: score the inputs once
     views = {"clean": xt} if attack is None else {"clean": xt, "robust": xt_adv}
 
-    def stats(subnets: Sequence[Subnet], bn: str) -> Dict[str, Dict]:
-        out = subnet_stats(model, subnets, views, yt, bn, eval_batch if bn == "eval" else batch_size)
+    def stats(subnets: Sequence[Subnet], bn: str, strategy: str) -> Dict[str, Dict]:
+        out = subnet_stats(model, subnets, views, yt, bn, eval_batch if bn == "eval" else batch_size,
+                           bar(f"{strategy} subnets, BN {bn}"))
         return {"clean": out["clean"], "robust": out.get("robust", out["clean"])}
 
     full = accuracies(model, views, yt, None, "eval", eval_batch)
@@ -174,14 +186,14 @@ def analyze_subnets(
         search = build_search(strategy, space, rho, **options)
         if strategy == "controller":
             history = train_controller(model, search, xs_adv if attack else xs, ys, search_updates,
-                                       batch_size, search_bn, seed)
+                                       batch_size, search_bn, seed, bar("controller search"))
             result["controller_search"] = {"updates": search_updates, "lr": search_lr,
                                            "first_acc": history[0] if history else None,
                                            "last_acc": history[-1] if history else None}
         subnets = [search.sample() for _ in range(n_subnets)]
         for bn, target in (("eval", result), ("train", train_bn)):
             if bn in bn_modes:
-                target[strategy] = stats(subnets, bn)
+                target[strategy] = stats(subnets, bn, strategy)
     if "train" in bn_modes:
         result["bn_train"] = train_bn
     if block_samples > 0:
@@ -190,5 +202,5 @@ def analyze_subnets(
 
         result["block_vulnerability"] = block_vulnerability(
             model, xt, yt, xt_adv if attack is not None else None, rho, n_samples=block_samples, bn="eval",
-            seed=seed, batch_size=eval_batch)
+            seed=seed, batch_size=eval_batch, desc=bar("block vulnerability"))
     return result
