@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from advews.data.arrays import to_batch
 from advews.errors import AdvewsError
-from advews.evaluation.corruptions import (
+from advews.evaluation.corruption_scoring import (
     CORRUPTIONS,
     EXTRA_CORRUPTIONS,
     SEVERITIES,

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from advews.data.perturbation_sets import PERTURBATIONS, PerturbationSet, is_noise
 from advews.errors import AdvewsError
-from advews.evaluation.corruptions import Device, check_limit, eval_mode
+from advews.evaluation.corruption_scoring import Device, check_limit, eval_mode
 
 TOP = 5
 

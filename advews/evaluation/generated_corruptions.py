@@ -39,7 +39,7 @@ from torch import nn
 
 from advews.data.arrays import ArrayDataset
 from advews.errors import AdvewsError
-from advews.evaluation.corruptions import (
+from advews.evaluation.corruption_scoring import (
     CORRUPTIONS,
     EXTRA_CORRUPTIONS,
     SEVERITIES,

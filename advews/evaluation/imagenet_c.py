@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from advews.data.arrays import to_batch
 from advews.data.folder import scan_folder
 from advews.errors import AdvewsError
-from advews.evaluation.corruptions import (
+from advews.evaluation.corruption_scoring import (
     CORRUPTIONS,
     SEVERITIES,
     Device,
