@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from importlib import resources
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import gin
 
@@ -37,8 +38,19 @@ def resolve_gin(name: str) -> str:
     raise AdvewsError(f"gin file {name!r} not found; give a path or one of: {', '.join(available_recipes())}")
 
 
-def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
-    """Parse gin files and bindings; any gin error becomes a one-line AdvewsError."""
+GIN_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, ImportError, IOError)
+
+
+def _gin_message(err: BaseException) -> str:
+    """gin's message on one line, without the location gin appends (the caller names the source)."""
+    text = " ".join(str(err).split())
+    return re.sub(r"\s*\((?:[^()]*, )?line \d+\)$", "", text) or type(err).__name__
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str], base_config: Optional[str] = None) -> None:
+    """Parse ``base_config`` (e.g. a checkpoint's config text), then gin files, then bindings, each
+    later one overriding; any gin error becomes a one-line AdvewsError naming its source: the file,
+    or the ``--gin-param`` binding itself."""
     import advews.defenses  # noqa: F401  (registers every defense before the config names them)
     import advews.engine.trainer  # noqa: F401
 
@@ -48,10 +60,22 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
     quiet = _SkipGinSearchMisses()
     logging.getLogger().addFilter(quiet)
     try:
-        gin.parse_config_files_and_bindings(paths, list(bindings))
-    except (ValueError, SyntaxError, KeyError, TypeError, ImportError, IOError) as e:
-        where = f" in {', '.join(paths)}" if paths else ""
-        raise AdvewsError(f"bad gin config{where}: {' '.join(str(e).split())}") from None
+        if base_config is not None:
+            try:
+                gin.parse_config(base_config)
+            except GIN_ERRORS as e:
+                raise AdvewsError(f"the checkpoint's stored config does not parse: {_gin_message(e)}") from None
+        try:
+            gin.parse_config_files_and_bindings(paths, [], finalize_config=False)
+        except GIN_ERRORS as e:
+            where = f" in {', '.join(paths)}" if paths else ""
+            raise AdvewsError(f"bad gin config{where}: {' '.join(str(e).split())}") from None
+        for binding in bindings:
+            try:
+                gin.parse_config(binding)
+            except GIN_ERRORS as e:
+                raise AdvewsError(f"bad --gin-param {binding!r}: {_gin_message(e)}") from None
+        gin.finalize()
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -65,12 +89,13 @@ class _SkipGinSearchMisses(logging.Filter):
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run a CLI body: user errors print one line to stderr and exit 2; Ctrl-C exits 130."""
+    """Run a CLI body: user errors print one line to stderr and exit 2 (or the error's own
+    ``exit_code``, e.g. 3 for a diverged training run); Ctrl-C exits 130."""
     try:
         return body()
     except AdvewsError as e:
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -8,6 +8,7 @@ from typing import Iterable, Sequence, Tuple
 import gin
 import torch
 
+from advews.engine.params import require_bool, require_number, require_str
 from advews.errors import AdvewsError
 
 
@@ -21,8 +22,11 @@ def make_optimizer(
     weight_decay: float = 5e-4,
     betas: Tuple[float, float] = (0.9, 0.999),
 ) -> torch.optim.Optimizer:
-    if lr <= 0:
-        raise AdvewsError(f"optimizer.lr must be > 0, got {lr}")
+    require_str("optimizer.name", name)
+    require_number("optimizer.lr", lr, positive=True)
+    require_number("optimizer.momentum", momentum, minimum=0)
+    require_number("optimizer.weight_decay", weight_decay, minimum=0)
+    require_bool("optimizer.nesterov", nesterov)
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if name == "adam":
@@ -46,6 +50,12 @@ def make_scheduler(
     Milestones are epochs; values in (0, 1) are fractions of the run (e.g. 1/3, 2/3)."""
     if name not in ("step", "cosine", "constant"):
         raise AdvewsError(f"unknown schedule {name!r}; choose one of constant, cosine, step")
+    require_number("schedule.gamma", gamma, minimum=0)
+    require_number("schedule.warmup_epochs", warmup_epochs, minimum=0)
+    if not isinstance(milestones, (list, tuple)):
+        raise AdvewsError(f"schedule.milestones must be a list of epochs, got {milestones!r}")
+    for m in milestones:
+        require_number("schedule.milestones", m, minimum=0)
     total = max(1, steps_per_epoch * epochs)
     warm = warmup_epochs * steps_per_epoch
     bounds = [(m * epochs if 0 < m < 1 else m) * steps_per_epoch for m in milestones]

@@ -39,13 +39,29 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer, grad_clip: Optional[float] = None) -> None:
-        """Optimizer step; with ``grad_clip``, the global gradient norm is first clipped to it (unscaled)."""
+    @staticmethod
+    def _with_grad(optimizer: torch.optim.Optimizer) -> list:
+        return [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def grad_norm(self, optimizer: torch.optim.Optimizer) -> Optional[torch.Tensor]:
+        """The global gradient norm, for the divergence guard; None under fp16, whose scaler itself
+        skips steps with non-finite (scaled) gradients."""
+        if self.scaler is not None:
+            return None
+        return torch.nn.utils.get_total_norm([p.grad for p in self._with_grad(optimizer)])
+
+    def step(self, optimizer: torch.optim.Optimizer, grad_clip: Optional[float] = None,
+             grad_norm: Optional[torch.Tensor] = None) -> None:
+        """Optimizer step; with ``grad_clip``, the global gradient norm is first clipped to it (unscaled).
+        ``grad_norm``: that norm when already computed (``grad_norm()``), so it is not computed twice."""
         if grad_clip is not None:
             if self.scaler is not None:
                 self.scaler.unscale_(optimizer)
-            params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            params = self._with_grad(optimizer)
+            if grad_norm is None or self.scaler is not None:
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(params, grad_clip, grad_norm)
         if self.scaler is None:
             optimizer.step()
         else:

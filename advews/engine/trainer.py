@@ -1,4 +1,11 @@
-"""The one training loop. Every defense (and every mixin on it) trains through ``Trainer.run``."""
+"""The one training loop. Every defense (and every mixin on it) trains through ``Trainer.run``.
+
+Runs survive preemption and crashes: SIGTERM or SIGUSR1 saves a resumable ``last.pt`` at the next
+step boundary and ends the run with ``Preempted`` (the CLI exits ``PREEMPTED_EXIT`` = 143);
+``train.checkpoint_every_steps`` also saves mid-epoch; a resume from any checkpoint continues
+bit-exactly. A non-finite loss, gradient or weight ends the run with ``DivergenceError`` (exit 3)
+before anything non-finite is saved (``train.nonfinite = 'skip'`` drops such steps instead).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ import os
 import random
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gin
 import numpy as np
@@ -18,18 +25,21 @@ from advews.attacks import PGD
 from advews.data import load_data
 from advews.defenses import build_defense
 from advews.engine import distributed
-from advews.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from advews.engine.guard import NonFiniteGuard, collapsed
 from advews.engine.optim import make_optimizer, make_scheduler
+from advews.engine.params import require_bool, require_int, require_number, require_str
 from advews.engine.precision import Precision
+from advews.engine.preemption import Preempted, PreemptionSignals
+from advews.engine.rundir import holds_checkpoint, prepare_output_dir, write_config
+from advews.engine.state import CheckpointState
+from advews.engine.validation import validation_counts
 from advews.errors import AdvewsError
-from advews.evaluation.robust import robust_accuracy
 from advews.models import build_model, model_spec
 from advews.subnets import install_masks
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "config.gin")
-
 
 def resolve_device(device: str) -> torch.device:
+    require_str("train.device", device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -41,40 +51,39 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def prepare_output_dir(path: str, resume: bool) -> None:
-    """Refuse to touch an existing run unless resuming; make sure the directory is writable."""
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(path, f))]
-    if resume:
-        if not os.path.isfile(os.path.join(path, "last.pt")):
-            raise AdvewsError(f"cannot resume: no last.pt in {path}")
-    elif existing:
-        raise AdvewsError(
-            f"output directory {path} already holds a run ({', '.join(existing)}); "
-            "pass --resume to continue it or choose another --output"
-        )
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as e:
-        raise AdvewsError(f"output directory {path} is not writable: {e.strerror or e}") from None
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-@gin.configurable("train", denylist=["output_dir", "resume", "quiet"])
-class Trainer:
+def _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
+                    eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
+                    checkpoint_every_steps) -> None:
+    require_int("train.epochs", epochs, minimum=1)
+    require_int("train.batch_size", batch_size, minimum=1)
+    require_int("train.seed", seed, minimum=0)
+    require_number("train.eps_warmup_epochs", eps_warmup_epochs, minimum=0)
+    require_number("train.val_eps", val_eps, minimum=0, allow_none=True)
+    require_int("train.val_steps", val_steps, minimum=1)
+    require_number("train.val_step_size", val_step_size, minimum=0, allow_none=True)
+    require_int("train.eval_batch_size", eval_batch_size, minimum=1)
+    for name, flag in (("channels_last", channels_last), ("compile", compile), ("sync_batchnorm", sync_batchnorm)):
+        require_bool(f"train.{name}", flag)
+    require_number("train.grad_clip", grad_clip, positive=True, allow_none=True)
+    require_int("train.max_skipped_steps", max_skipped_steps, minimum=0)
+    require_int("train.checkpoint_every_steps", checkpoint_every_steps, minimum=1, allow_none=True)
+
+
+@gin.configurable("train", denylist=["output_dir", "resume", "quiet", "overrides"])
+class Trainer(CheckpointState):
     """Builds data, model, defense, optimizer and schedule from gin, then trains epoch by epoch.
 
-    Each epoch: train on shuffled, augmented batches (drop_last), validate (clean and PGD robust
-    accuracy on the held-out split, with a fixed seed so validation never moves the training RNG),
-    save ``last.pt`` (everything a resume needs) and ``best.pt``, append a row to ``metrics.jsonl``.
+    Each epoch: train on shuffled, augmented batches (drop_last; the order comes from a generator
+    seeded by seed and epoch, so a resume can replay it), validate (clean and PGD robust accuracy on
+    the held-out split, with a fixed seed so validation never moves the training RNG), save
+    ``last.pt`` (everything a resume needs, metrics history included) and ``best.pt``, rewrite
+    ``metrics.jsonl``. A model whose clean validation predictions are all one class is never best.
 
     Under torchrun (``WORLD_SIZE`` > 1) the model is wrapped in DDP; ``batch_size`` stays the GLOBAL
     batch: every rank draws the same shuffled global batch and takes its ``batch_size / world``
@@ -83,6 +92,11 @@ class Trainer:
     ``amp`` ('none', 'bf16', 'fp16'), ``channels_last`` and ``compile`` make each device fast.
     ``grad_clip``: clip the model's global gradient norm before each step (None: no clipping, as
     robust_overfitting, TRADES and AWP do; the EWS authors' train_cifar clips at 3).
+    ``nonfinite``: 'stop' (a non-finite loss or gradient norm ends the run) or 'skip' (drop the step,
+    at most ``max_skipped_steps`` times in the run). ``checkpoint_every_steps``: also save ``last.pt``
+    every N optimizer steps (None: at the end of each epoch only; a preemption signal always saves).
+    ``resume`` with no ``last.pt`` in ``output_dir`` starts from scratch; ``overrides`` are the
+    changed settings (``engine.resume.check_changes``) to apply on top of the checkpoint.
     """
 
     def __init__(
@@ -90,6 +104,7 @@ class Trainer:
         output_dir: str,
         resume: bool = False,
         quiet: bool = False,
+        overrides: Sequence[Tuple[str, Any, Any]] = (),
         defense: str = "AT",
         epochs: int = 10,
         batch_size: int = 128,
@@ -105,21 +120,25 @@ class Trainer:
         compile: bool = False,
         sync_batchnorm: bool = False,
         grad_clip: Optional[float] = None,
+        nonfinite: str = "stop",
+        max_skipped_steps: int = 10,
+        checkpoint_every_steps: Optional[int] = None,
     ):
-        if epochs < 1:
-            raise AdvewsError(f"train.epochs must be >= 1, got {epochs}")
-        if batch_size < 1:
-            raise AdvewsError(f"train.batch_size must be >= 1, got {batch_size}")
-        if val_steps < 1:
-            raise AdvewsError(f"train.val_steps must be >= 1, got {val_steps}")
-        if grad_clip is not None and not grad_clip > 0:
-            raise AdvewsError(f"train.grad_clip must be > 0 or None, got {grad_clip}")
-        self.grad_clip = grad_clip
+        _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
+                        eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
+                        checkpoint_every_steps)
+        require_str("train.defense", defense)
+        self.guard = NonFiniteGuard(nonfinite, max_skipped_steps)
+        self.grad_clip, self.checkpoint_every_steps = grad_clip, checkpoint_every_steps
         self.dist, self.device = distributed.init(resolve_device(device))
         if batch_size % self.dist.world:
             raise AdvewsError(f"train.batch_size {batch_size} must be divisible by the {self.dist.world} ranks")
-        distributed.on_main(lambda: prepare_output_dir(output_dir, resume))
         self.output_dir, self.quiet = output_dir, quiet or not self.dist.main
+        if resume and not holds_checkpoint(output_dir):
+            if self.dist.main:
+                print(f"no last.pt in {output_dir}: starting the run from scratch", flush=True)
+            resume = False
+        distributed.on_main(lambda: prepare_output_dir(output_dir, resume))
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.eps_warmup_epochs, self.eval_batch_size = eps_warmup_epochs, eval_batch_size
         self.precision = Precision(amp, self.device, channels_last)
@@ -148,9 +167,12 @@ class Trainer:
             raise AdvewsError(f"train.batch_size {batch_size} is larger than the training set ({len(self.data.train)})")
         self.scheduler = make_scheduler(self.optimizer, self.steps_per_epoch, epochs)
         self.val_attack = self._validation_attack(val_eps, val_steps, val_step_size)
-        self.start_epoch, self.best = 0, None
+        self.start_epoch, self.start_step, self.partial, self.best = 0, 0, None, None
+        self.history: List[Dict[str, float]] = []
+        self.overrides: List[Dict[str, Any]] = []
+        self.signals = PreemptionSignals()
         if resume:
-            self._load(os.path.join(output_dir, "last.pt"))
+            self._load(os.path.join(output_dir, "last.pt"), overrides)
 
     def _wrap(self, compile: bool):
         """(model for attacks, model for the training forward): DDP and/or torch.compile around it."""
@@ -174,54 +196,6 @@ class Trainer:
         norm = getattr(attack, "norm", "Linf")
         return PGD(eps=eps, norm=norm, steps=steps, step_size=step_size or 2.5 * eps / steps)
 
-    # ----------------------------------------------------------------- state
-    def _state(self, epoch: int, rng: list) -> Dict[str, Any]:
-        return {
-            "format": 1,
-            "epoch": epoch,
-            "model": self.model.state_dict(),
-            "model_spec": self.spec,
-            "data_spec": {"dataset": self.data.name, **gin.get_bindings("data")},
-            "defense": self.defense_name,
-            "threat_model": None if self.val_attack is None
-            else {"eps": self.val_attack.eps, "norm": self.val_attack.norm},
-            "defense_state": self.defense.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "precision": self.precision.state_dict(),
-            "rng": rng,
-            "best": self.best,
-            "config": gin.config_str(),
-        }
-
-    def _load(self, path: str) -> None:
-        state = load_checkpoint(path, map_location=self.device)
-        if state.get("defense") != self.defense_name:
-            raise AdvewsError(
-                f"cannot resume {path}: it was trained with defense {state.get('defense')!r}, "
-                f"the config says {self.defense_name!r}"
-            )
-        if len(state["rng"]) != self.dist.world:
-            raise AdvewsError(f"cannot resume {path}: it was trained on {len(state['rng'])} ranks, this run has {self.dist.world}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.precision.load_state_dict(state.get("precision", {}))
-        self.defense.load_state_dict(state["defense_state"])
-        set_rng_state(state["rng"][self.dist.rank])
-        self.start_epoch, self.best = state["epoch"], state["best"]
-        distributed.on_main(lambda: self._truncate_metrics(self.start_epoch))
-
-    def _truncate_metrics(self, epochs_done: int) -> None:
-        """Drop rows a crash wrote after the last checkpoint, so the log matches the resumed state."""
-        path = os.path.join(self.output_dir, "metrics.jsonl")
-        if not os.path.exists(path):
-            return
-        with open(path) as f:
-            rows = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epochs_done]
-        with open(path, "w") as f:
-            f.writelines(rows)
-
     # ----------------------------------------------------------------- loop
     def _eps_scale(self, step: int) -> float:
         ramp = self.eps_warmup_epochs * self.steps_per_epoch
@@ -235,111 +209,141 @@ class Trainer:
         r = self.dist.rank
         return x[r * n:(r + 1) * n], y[r * n:(r + 1) * n]
 
-    def train_epoch(self, epoch: int) -> Dict[str, float]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        batches = self.data.train.batches(
-            self.batch_size, shuffle=True, drop_last=True, generator=gen,
-            augment=self.data.train_augment, device=self.device,
-        )
-        bar = tqdm(batches, total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
-                   disable=self.quiet or not sys.stderr.isatty(), leave=False)
-        sums: Dict[str, torch.Tensor] = {}
-        counts: Dict[str, int] = {}
-        self.model.train()
-        for i, (x, y) in enumerate(bar):
-            x, y = self._shard(self.precision.input(x), y)
-            self.defense.set_progress(epoch, self._eps_scale(epoch * self.steps_per_epoch + i))
-            with self.precision.autocast():
-                batch = self.defense.prepare(self.attack_model, x, y)
-                self.defense.begin_step(self.model, batch)
-                out = self.defense.training_loss(self.train_model, batch)
+    def _train_step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor,
+                    sums: Dict[str, torch.Tensor], counts: Dict[str, int]) -> torch.Tensor:
+        """One optimizer step (unless the guard skips it); accumulates the step's metrics; returns the loss."""
+        x, y = self._shard(self.precision.input(x), y)
+        self.defense.set_progress(epoch, self._eps_scale(epoch * self.steps_per_epoch + i))
+        with self.precision.autocast():
+            batch = self.defense.prepare(self.attack_model, x, y)
+            self.defense.begin_step(self.model, batch)
+            out = self.defense.training_loss(self.train_model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.backward(out.loss)
+        grad_norm = self.precision.grad_norm(self.optimizer)
+        applied = self.guard.step_ok(out.loss, grad_norm, f"epoch {epoch + 1}, step {i + 1}")
+        if applied:
+            self.precision.step(self.optimizer, self.grad_clip, grad_norm)
+        else:
             self.optimizer.zero_grad(set_to_none=True)
-            self.precision.backward(out.loss)
-            self.precision.step(self.optimizer, self.grad_clip)
-            self.defense.end_step(self.model)
-            self.scheduler.step()
+        self.defense.end_step(self.model)
+        self.scheduler.step()
+        loss = out.loss.detach().float()
+        if applied:  # a skipped step's non-finite numbers never reach the metrics
             step_metrics = {
-                "loss": out.loss.detach().float(),
+                "loss": loss,
                 "acc": (out.logits.detach().argmax(1) == batch.y).float().mean(),
                 **{k: v.detach().float() for k, v in out.metrics.items()},
             }
             for k, v in step_metrics.items():  # some metrics (e.g. a search update) come every K steps
                 sums[k] = sums[k] + v if k in sums else v.clone()
                 counts[k] = counts.get(k, 0) + 1
+        return loss
+
+    def train_epoch(self, epoch: int, first: int = 0, partial: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+        """Train ``epoch`` from batch ``first`` on (a mid-epoch resume replays the first batches'
+        draws from the epoch's generator without training on them, and restores ``partial`` sums)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        batches = iter(self.data.train.batches(
+            self.batch_size, shuffle=True, drop_last=True, generator=gen,
+            augment=self.data.train_augment, device=self.device,
+        ))
+        for _ in range(first):
+            next(batches)
+        sums: Dict[str, torch.Tensor] = dict(partial["sums"]) if partial else {}
+        counts: Dict[str, int] = dict(partial["counts"]) if partial else {}
+        lr = partial["lr"] if partial else self.optimizer.param_groups[0]["lr"]
+        bar = tqdm(batches, total=self.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{self.epochs}",
+                   disable=self.quiet or not sys.stderr.isatty(), leave=False)
+        self.model.train()
+        for i, (x, y) in enumerate(bar, start=first):
+            loss = self._train_step(epoch, i, x, y, sums, counts)
             if not bar.disable and i % 10 == 0:
-                bar.set_postfix(loss=f"{float(out.loss):.3f}")
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            done = i + 1
+            if self.signals.requested(self.device):
+                bar.close()
+                path = self._save_partial(epoch, done, lr, sums, counts)
+                raise Preempted(f"preempted by {self.signals.received or 'a signal'}: saved {path} at epoch "
+                                f"{epoch + 1}, step {done} of {self.steps_per_epoch}; run again with --resume")
+            every = self.checkpoint_every_steps
+            if every and done < self.steps_per_epoch and (epoch * self.steps_per_epoch + done) % every == 0:
+                self._save_partial(epoch, done, lr, sums, counts)
+        bar.close()
         keys = sorted(sums)
         means = distributed.all_reduce_mean(torch.stack([sums[k].to(self.device) / counts[k] for k in keys])) \
             if keys else torch.zeros(0)
-        return {f"train_{k}": float(v) for k, v in zip(keys, means)}
+        return {"lr": lr, **{f"train_{k}": float(v) for k, v in zip(keys, means)}}
 
-    def validate(self) -> Dict[str, float]:
-        """Clean and PGD accuracy on the validation split; under DDP each rank takes every world-th example."""
+    def _validate(self) -> Tuple[Dict[str, float], bool]:
+        """(clean and PGD accuracy on the validation split, whether its predictions collapsed to one
+        class); under DDP each rank takes every world-th example."""
         if self.data.val is None:
-            return {}
+            return {}, False
         val = self.data.val
         if self.dist.enabled:
             val = val.subset(torch.arange(self.dist.rank, len(val), self.dist.world))
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             with self.precision.autocast():
-                res = robust_accuracy(self.attack_model, val, self.val_attack, self.eval_batch_size, self.device)
-        counts = torch.tensor([res["clean_acc"] * res["n_examples"], res.get("robust_acc", 0.0) * res["n_examples"],
-                               res["n_examples"]], dtype=torch.float64, device=self.device)
-        clean, robust, n = distributed.all_reduce_sum(counts).tolist()
+                counts = validation_counts(self.attack_model, val, self.val_attack, self.data.num_classes,
+                                           self.eval_batch_size, self.device, self.quiet)
+        counts = distributed.all_reduce_sum(counts).cpu()
+        clean, robust, n = counts[:3].tolist()
+        k = self.data.num_classes
         out = {"val_clean_acc": round(clean) / max(n, 1)}
-        if "robust_acc" in res:
+        if self.val_attack is not None:
             out["val_robust_acc"] = round(robust) / max(n, 1)
-        return out
+        return out, collapsed(counts[3:3 + k], counts[3 + k:])
+
+    def validate(self) -> Dict[str, float]:
+        """Clean and PGD accuracy on the validation split."""
+        return self._validate()[0]
 
     def _selection_metric(self, row: Dict[str, float]) -> Optional[float]:
         key = "val_robust_acc" if self.defense.adversarial and "val_robust_acc" in row else "val_clean_acc"
         return row.get(key)
 
-    def _save(self, epoch: int, row: Dict[str, float]) -> None:
-        """Rank 0 writes best.pt, last.pt and the metrics row (RNG states come from every rank)."""
-        rng = distributed.all_gather_object(rng_state())
-        score = self._selection_metric(row)
-        improved = score is not None and (self.best is None or score > self.best["score"])
-        if improved:
-            self.best = {"epoch": epoch, "score": score}
-
-        def write() -> None:
-            state = self._state(epoch, rng)
-            if improved:
-                keep = ("format", "epoch", "model", "model_spec", "data_spec", "defense", "threat_model", "config")
-                save_checkpoint({k: state[k] for k in keep}, os.path.join(self.output_dir, "best.pt"))
-            save_checkpoint(state, os.path.join(self.output_dir, "last.pt"))
-            with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-        distributed.on_main(write)
-
     def _write_config(self) -> None:
-        with open(os.path.join(self.output_dir, "config.gin"), "w") as f:
-            f.write(gin.operative_config_str())
+        write_config(self.output_dir, gin.operative_config_str())
 
     def run(self) -> Dict[str, float]:
-        """Train from ``start_epoch`` to ``epochs``; returns the last metrics row."""
+        """Train from the checkpoint's position to ``epochs``; returns the last metrics row."""
         try:
-            distributed.on_main(self._write_config)
-            row: Dict[str, float] = {}
-            for epoch in range(self.start_epoch, self.epochs):
-                start = time.time()
-                row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-                row.update(self.train_epoch(epoch))
-                row["train_time"] = time.time() - start
-                row.update(self.validate())
-                row["epoch_time"] = time.time() - start
-                self._save(epoch + 1, row)
-                if epoch == self.start_epoch:  # configurables first called during training are now recorded
-                    distributed.on_main(self._write_config)
+            row: Dict[str, float] = self.history[-1] if self.history else {}
+            if self.start_epoch >= self.epochs:  # nothing to do, nothing rewritten
                 if not self.quiet:
-                    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-                    print(json.dumps(shown), flush=True)
-            return row
+                    print(f"the run already finished its {self.start_epoch} epochs; raise train.epochs "
+                          "to continue it", flush=True)
+                return row
+            with self.signals:
+                distributed.on_main(self._write_config)
+                for epoch in range(self.start_epoch, self.epochs):
+                    row = self._run_epoch(epoch)
+                    if epoch == self.start_epoch:  # configurables first called during training are now recorded
+                        distributed.on_main(self._write_config)
+                    if self.signals.requested(self.device):
+                        raise Preempted(f"preempted by {self.signals.received or 'a signal'}: saved "
+                                        f"{os.path.join(self.output_dir, 'last.pt')} at the end of epoch "
+                                        f"{epoch + 1}; run again with --resume")
+                return row
         finally:
             self.close()
+
+    def _run_epoch(self, epoch: int) -> Dict[str, float]:
+        start = time.time()
+        first, partial = (self.start_step, self.partial) if epoch == self.start_epoch else (0, None)
+        row: Dict[str, Any] = {"epoch": epoch + 1}
+        row.update(self.train_epoch(epoch, first, partial))
+        row["train_time"] = time.time() - start
+        metrics, is_collapsed = self._validate()
+        row.update(metrics)
+        row["epoch_time"] = time.time() - start
+        self._end_epoch(epoch + 1, row, is_collapsed)
+        if not self.quiet:
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            print(json.dumps(shown), flush=True)
+        return row
 
     def close(self) -> None:
         """Release the process group (after dropping the DDP wrapper, see ``distributed.shutdown``)."""
