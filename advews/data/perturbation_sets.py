@@ -143,7 +143,10 @@ def open_imagenet_p(
 
 def read_video(path: str) -> np.ndarray:
     """All frames of the video ``path`` as uint8 RGB (T, H, W, 3), decoded by OpenCV."""
-    import cv2  # slow import, only when videos are read
+    try:
+        import cv2  # slow import, only when videos are read
+    except ImportError:
+        raise AdvewsError("reading ImageNet-P videos needs OpenCV: pip install 'advews[corruptions]'") from None
 
     capture = cv2.VideoCapture(path)
     frames = []

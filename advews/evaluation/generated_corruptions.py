@@ -34,7 +34,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import h5py
 import numpy as np
 import torch
-from imagecorruptions import corrupt
 from torch import nn
 
 from advews.data.arrays import ArrayDataset
@@ -109,7 +108,7 @@ def fingerprint(dataset: ArrayDataset, seed: int) -> Dict[str, object]:
         "n": len(dataset),
         "image_shape": "x".join(str(d) for d in dataset.image_shape),
         "seed": seed,
-        "library": f"imagecorruptions-imaug {importlib.metadata.version('imagecorruptions-imaug')}",
+        "library": f"imagecorruptions-imaug {_imagecorruptions()[1]}",
     }
 
 
@@ -201,8 +200,21 @@ def _check(f: h5py.File, path: str, expected: Dict[str, object]) -> None:
                               f"expected {value!r}); delete it or choose another cache path")
 
 
+def _imagecorruptions():
+    """``(corrupt, version)`` of imagecorruptions-imaug, an optional extra imported on first use (it
+    brings numba, llvmlite, OpenCV and scikit-image, which nothing else in advews needs)."""
+    try:
+        from imagecorruptions import corrupt
+
+        return corrupt, importlib.metadata.version("imagecorruptions-imaug")
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        raise AdvewsError("generated corruptions need the imagecorruptions-imaug package: "
+                          "pip install 'advews[corruptions]'") from None
+
+
 def _corrupt_all(images: np.ndarray, name: str, severity: int, seed: int) -> np.ndarray:
     """Corrupted copies of uint8 N x C x H x W ``images``, same shape, under the pair's own seed."""
+    corrupt = _imagecorruptions()[0]
     channels, height, width = images.shape[1:]
     pad_h, pad_w = max(MIN_SIZE - height, 0), max(MIN_SIZE - width, 0)
     padding = ((pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2), (0, 0))
