@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import re
 import sys
 from importlib import resources
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, NoReturn, Optional, Sequence
 
 import gin
 
 from advews.errors import AdvewsError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def one_line(err: BaseException) -> str:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import List, Optional
 
-from advews.cli.common import parse_gin, run_cli
+from advews.cli.common import OneLineParser, parse_gin, run_cli
 
 EPILOG = ("exit codes: 0 done, 2 bad input, 3 training diverged (last good checkpoints kept), "
           "143 preempted by SIGTERM/SIGUSR1 after saving a resumable last.pt (rerun with --resume), "
@@ -29,7 +29,7 @@ EPILOG = ("exit codes: 0 done, 2 bad input, 3 training diverged (last good check
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="advews-train", description="Train a robust model from gin recipes.",
+    p = OneLineParser(prog="advews-train", description="Train a robust model from gin recipes.",
                                 epilog=EPILOG)
     p.add_argument("--gin", action="append", default=[], metavar="FILE",
                    help="gin file: a path or a shipped recipe name (repeatable, later files override)")
@@ -55,9 +55,9 @@ def _configure(args: argparse.Namespace) -> list:
 
     gin_files = list(args.gin)
     if not (args.resume and holds_checkpoint(args.output)):
-        config_gin = os.path.join(args.output, CONFIG)
+        config_gin = os.path.join(args.output or "", CONFIG)
         if args.resume and not gin_files and os.path.isfile(config_gin) and os.path.getsize(config_gin):
-            gin_files = [os.path.join(args.output, CONFIG)]  # killed before its first checkpoint
+            gin_files = [config_gin]  # killed before its first checkpoint
         if not gin_files and not args.gin_param:
             raise AdvewsError("no configuration: pass --gin FILE (e.g. --gin quickstart.gin)")
         parse_gin(gin_files, args.gin_param)
@@ -90,12 +90,12 @@ def _main(args: argparse.Namespace) -> int:
     if output is None:
         stem = os.path.splitext(os.path.basename(args.gin[-1]))[0] if args.gin else "run"
         output = os.path.join("runs", f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    existed = os.path.exists(output)
+    created = _first_missing(output)
     try:
         trainer = Trainer(output_dir=output, resume=args.resume, quiet=args.quiet, overrides=overrides)
     except AdvewsError:
-        if not existed and os.path.isdir(output) and not os.listdir(output):
-            os.rmdir(output)  # a run that could not start leaves no empty directory behind
+        if created is not None:  # a run that could not start leaves no empty directories behind
+            _remove_empty(output, created)
         raise
     if not trainer.quiet:  # rank 0 only under torchrun
         print(f"run directory: {output}", flush=True)
@@ -108,6 +108,27 @@ def _main(args: argparse.Namespace) -> int:
             print(f"advews-train: {e}", file=sys.stderr, flush=True)
         return PREEMPTED_EXIT
     return 0
+
+
+def _first_missing(path: str) -> Optional[str]:
+    """The outermost directory of ``path`` that does not exist yet (None if ``path`` exists)."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def _remove_empty(output: str, top: str) -> None:
+    """Remove ``output`` and its parents up to ``top`` while they are empty."""
+    path = os.path.abspath(output)
+    while True:
+        try:
+            os.rmdir(path)
+        except OSError:
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
