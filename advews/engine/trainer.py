@@ -32,6 +32,7 @@ from advews.engine.precision import Precision
 from advews.engine.preemption import Preempted, PreemptionSignals
 from advews.engine.rundir import holds_checkpoint, prepare_output_dir, write_config
 from advews.engine.state import CheckpointState
+from advews.engine.tensorboard import TensorBoardLog
 from advews.engine.validation import validation_counts
 from advews.errors import AdvewsError
 from advews.models import build_model, model_spec
@@ -95,6 +96,8 @@ class Trainer(CheckpointState):
     ``nonfinite``: 'stop' (a non-finite loss or gradient norm ends the run) or 'skip' (drop the step,
     at most ``max_skipped_steps`` times in the run). ``checkpoint_every_steps``: also save ``last.pt``
     every N optimizer steps (None: at the end of each epoch only; a preemption signal always saves).
+    ``tensorboard``: mirror metrics.jsonl into ``RUN_DIR/tensorboard``, plus each ``log_every``-th
+    step's training metrics (``engine.tensorboard``; needs the ``advews[tensorboard]`` extra).
     ``resume`` with no ``last.pt`` in ``output_dir`` starts from scratch; ``overrides`` are the
     changed settings (``engine.resume.check_changes``) to apply on top of the checkpoint.
     """
@@ -123,6 +126,8 @@ class Trainer(CheckpointState):
         nonfinite: str = "stop",
         max_skipped_steps: int = 10,
         checkpoint_every_steps: Optional[int] = None,
+        tensorboard: bool = False,
+        log_every: int = 50,
     ):
         _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
                         eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
@@ -139,6 +144,9 @@ class Trainer(CheckpointState):
                 print(f"no last.pt in {output_dir}: starting the run from scratch", flush=True)
             resume = False
         distributed.on_main(lambda: prepare_output_dir(output_dir, resume))
+        require_bool("train.tensorboard", tensorboard)
+        require_int("train.log_every", log_every, minimum=1)
+        self.tensorboard = TensorBoardLog(output_dir, log_every, tensorboard and self.dist.main)
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.eps_warmup_epochs, self.eval_batch_size = eps_warmup_epochs, eval_batch_size
         self.precision = Precision(amp, self.device, channels_last)
@@ -210,8 +218,9 @@ class Trainer(CheckpointState):
         return x[r * n:(r + 1) * n], y[r * n:(r + 1) * n]
 
     def _train_step(self, epoch: int, i: int, x: torch.Tensor, y: torch.Tensor,
-                    sums: Dict[str, torch.Tensor], counts: Dict[str, int]) -> torch.Tensor:
-        """One optimizer step (unless the guard skips it); accumulates the step's metrics; returns the loss."""
+                    sums: Dict[str, torch.Tensor], counts: Dict[str, int]) -> Tuple[torch.Tensor, Optional[Dict]]:
+        """One optimizer step (unless the guard skips it); accumulates the step's metrics; returns the
+        loss and the step's metrics (None for a skipped step)."""
         x, y = self._shard(self.precision.input(x), y)
         self.defense.set_progress(epoch, self._eps_scale(epoch * self.steps_per_epoch + i))
         with self.precision.autocast():
@@ -228,7 +237,7 @@ class Trainer(CheckpointState):
             self.optimizer.zero_grad(set_to_none=True)
         self.defense.end_step(self.model)
         self.scheduler.step()
-        loss = out.loss.detach().float()
+        loss, step_metrics = out.loss.detach().float(), None
         if applied:  # a skipped step's non-finite numbers never reach the metrics
             step_metrics = {
                 "loss": loss,
@@ -238,7 +247,7 @@ class Trainer(CheckpointState):
             for k, v in step_metrics.items():  # some metrics (e.g. a search update) come every K steps
                 sums[k] = sums[k] + v if k in sums else v.clone()
                 counts[k] = counts.get(k, 0) + 1
-        return loss
+        return loss, step_metrics
 
     def train_epoch(self, epoch: int, first: int = 0, partial: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
         """Train ``epoch`` from batch ``first`` on (a mid-epoch resume replays the first batches'
@@ -257,7 +266,8 @@ class Trainer(CheckpointState):
                    disable=self.quiet or not sys.stderr.isatty(), leave=False)
         self.model.train()
         for i, (x, y) in enumerate(bar, start=first):
-            loss = self._train_step(epoch, i, x, y, sums, counts)
+            loss, step_metrics = self._train_step(epoch, i, x, y, sums, counts)
+            self.tensorboard.step(epoch * self.steps_per_epoch + i + 1, step_metrics)
             if not bar.disable and i % 10 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3f}")
             done = i + 1
@@ -340,13 +350,16 @@ class Trainer(CheckpointState):
         row.update(metrics)
         row["epoch_time"] = time.time() - start
         self._end_epoch(epoch + 1, row, is_collapsed)
+        self.tensorboard.epoch(row)
         if not self.quiet:
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
             print(json.dumps(shown), flush=True)
         return row
 
     def close(self) -> None:
-        """Release the process group (after dropping the DDP wrapper, see ``distributed.shutdown``)."""
+        """Close the event files; release the process group (after dropping the DDP wrapper, see
+        ``distributed.shutdown``)."""
+        self.tensorboard.close()
         if self.dist.enabled:
             self.train_model = self.attack_model = None
             distributed.shutdown()
