@@ -109,17 +109,17 @@ def test_unwritable_output_is_refused_before_any_work(checkpoint, tmp_path, monk
 def test_late_write_failure_saves_the_result_elsewhere(checkpoint, tmp_path, monkeypatch, capsys):
     """If --output and --hdf5 become unwritable during the run, the result goes to a fallback file
     that the one error line names, and the exit code says something went wrong."""
-    import advews.cli.eval as cli
+    import advews.api.evaluate as api
 
-    evaluate = cli.evaluate
+    score_attacks = api.score_attacks
 
-    def evaluate_then_lose_the_folder(*args, **kwargs):
-        result = evaluate(*args, **kwargs)
+    def score_then_lose_the_folder(*args, **kwargs):
+        result = score_attacks(*args, **kwargs)
         os.rmdir(tmp_path / "results")
         (tmp_path / "results").write_text("now a file")
         return result
 
-    monkeypatch.setattr(cli, "evaluate", evaluate_then_lose_the_folder)
+    monkeypatch.setattr(api, "score_attacks", score_then_lose_the_folder)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "results").mkdir()
     code = eval_main(["--checkpoint", str(checkpoint), "--attack", "fgsm", "--n-examples", "32",

@@ -1,6 +1,6 @@
 """The package's import graph: imports go down the layers, never up, and never in a circle.
 
-cli -> engine -> defenses -> subnets / evaluation -> models / data / attacks -> errors, collectives.
+cli -> api -> engine -> defenses -> subnets / evaluation -> models / data / attacks -> errors, collectives.
 Imports inside functions count too: a lazy import is still a dependency.
 """
 
@@ -10,7 +10,7 @@ import pathlib
 import advews
 
 ROOT = pathlib.Path(advews.__file__).parent
-LAYERS = {"cli": 5, "engine": 4, "defenses": 3, "subnets": 2, "evaluation": 2,
+LAYERS = {"cli": 6, "api": 5, "engine": 4, "defenses": 3, "subnets": 2, "evaluation": 2,
           "models": 1, "data": 1, "attacks": 1}
 
 

@@ -1,17 +1,13 @@
-"""What both command-line tools share: gin recipe lookup and parsing, and one-line errors."""
+"""What the command-line tools share: one-line errors and argument parsing. Gin parsing lives in
+``advews.api.config`` (re-exported here), so the Python API uses the same rules."""
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import re
 import sys
-from importlib import resources
-from typing import Callable, List, NoReturn, Optional, Sequence
+from typing import Callable, NoReturn
 
-import gin
-
+from advews.api.config import available_recipes, parse_gin, recipe_dir, resolve_gin  # noqa: F401  (re-exported)
 from advews.errors import AdvewsError
 
 
@@ -25,75 +21,6 @@ class OneLineParser(argparse.ArgumentParser):
 def one_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
-
-
-def recipe_dir() -> str:
-    return str(resources.files("advews") / "gin")
-
-
-def available_recipes() -> List[str]:
-    return sorted(f[:-4] for f in os.listdir(recipe_dir()) if f.endswith(".gin"))
-
-
-def resolve_gin(name: str) -> str:
-    """A path to a gin file, or the bare name of a recipe shipped with advews (``at`` or ``at.gin``)."""
-    if os.path.isfile(name):
-        return name
-    bare = os.path.basename(name)
-    shipped = os.path.join(recipe_dir(), bare if bare.endswith(".gin") else bare + ".gin")
-    if os.path.isfile(shipped):
-        return shipped
-    raise AdvewsError(f"gin file {name!r} not found; give a path or one of: {', '.join(available_recipes())}")
-
-
-GIN_ERRORS = (ValueError, SyntaxError, KeyError, TypeError, ImportError, IOError)
-
-
-def _gin_message(err: BaseException) -> str:
-    """gin's message on one line, without the location gin appends (the caller names the source)."""
-    text = " ".join(str(err).split())
-    return re.sub(r"\s*\((?:[^()]*, )?line \d+\)$", "", text) or type(err).__name__
-
-
-def parse_gin(files: Sequence[str], bindings: Sequence[str], base_config: Optional[str] = None) -> None:
-    """Parse ``base_config`` (e.g. a checkpoint's config text), then gin files, then bindings, each
-    later one overriding; any gin error becomes a one-line AdvewsError naming its source: the file,
-    or the ``--gin-param`` binding itself."""
-    import advews.defenses  # noqa: F401  (registers every defense before the config names them)
-    import advews.engine.trainer  # noqa: F401
-
-    paths = [resolve_gin(f) for f in files]
-    gin.clear_config()
-    gin.add_config_file_search_path(recipe_dir())
-    quiet = _SkipGinSearchMisses()
-    logging.getLogger().addFilter(quiet)
-    try:
-        if base_config is not None:
-            try:
-                gin.parse_config(base_config)
-            except GIN_ERRORS as e:
-                raise AdvewsError(f"the checkpoint's stored config does not parse: {_gin_message(e)}") from None
-        try:
-            gin.parse_config_files_and_bindings(paths, [], finalize_config=False)
-        except GIN_ERRORS as e:
-            where = f" in {', '.join(paths)}" if paths else ""
-            raise AdvewsError(f"bad gin config{where}: {' '.join(str(e).split())}") from None
-        for binding in bindings:
-            try:
-                gin.parse_config(binding)
-            except GIN_ERRORS as e:
-                raise AdvewsError(f"bad --gin-param {binding!r}: {_gin_message(e)}") from None
-        gin.finalize()
-    finally:
-        logging.getLogger().removeFilter(quiet)
-
-
-class _SkipGinSearchMisses(logging.Filter):
-    """gin logs an ERROR for every search-path location an ``include`` is not in, even when a later
-    one (the shipped recipes) has it; a missing include still fails with its own message."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Path not found")
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:

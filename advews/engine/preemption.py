@@ -25,6 +25,7 @@ class Preempted(Exception):
 
     def __init__(self, message: str):
         super().__init__(message)
+        self.main_rank = True  # set by the caller that knows the rank: only rank 0 reports
 
 
 class PreemptionSignals:

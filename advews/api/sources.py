@@ -1,17 +1,15 @@
-"""Where advews-eval's model and data come from: an advews checkpoint (its dataset's test split by
-default), a zoo architecture holding a public state_dict, or a ``module:function``; and npz or named
-datasets given with ``--data``."""
+"""Where an evaluation's data and derived files come from: npz files or named datasets given as
+``--data`` (else the test split of the checkpoint's dataset), and the folders next to the model."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
+from advews.api.options import EvalOptions
 from advews.errors import AdvewsError
 from advews.models.external import NORMALIZATIONS
 
@@ -70,7 +68,7 @@ def load_eval_data(spec: Optional[str], data_spec: Dict[str, Any]):
     raise AdvewsError(f"bad --data {spec!r}; use {DATA_FORMS}, or leave it out for the checkpoint's test split")
 
 
-def check_model_source(args: argparse.Namespace) -> None:
+def check_model_source(args: EvalOptions) -> None:
     """Exactly one model: --checkpoint, --arch with --weights, or --model."""
     sources = (("--checkpoint", args.checkpoint), ("--arch/--weights", args.arch or args.weights), ("--model", args.model))
     given = [flag for flag, value in sources if value]
@@ -84,42 +82,21 @@ def check_model_source(args: argparse.Namespace) -> None:
                           "a checkpoint or --model fixes its own")
 
 
-def external_defaults(args: argparse.Namespace) -> Tuple[str, int]:
+def external_defaults(data: str, normalization: Optional[str], num_classes: Optional[int]) -> Tuple[str, int]:
     """--normalization and --num-classes of an --arch model: the flags, else those of --data dataset:NAME."""
     from advews.data import get_dataset
 
-    spec = get_dataset(dataset_args(args.data)["dataset"]) if args.data.startswith("dataset:") else None
-    normalization = args.normalization
+    spec = get_dataset(dataset_args(data)["dataset"]) if data.startswith("dataset:") else None
     if normalization is None and spec is not None:
         normalization = next((name for name, stats in NORMALIZATIONS.items() if stats is not None and
                               tuple(stats[0]) == tuple(spec.mean) and tuple(stats[1]) == tuple(spec.std)), None)
         if normalization is None and set(spec.mean) == {0.0} and set(spec.std) == {1.0}:
             normalization = "none"
     if normalization is None:
-        raise AdvewsError(f"--normalization is required for --data {args.data!r}: the input normalization the "
+        raise AdvewsError(f"--normalization is required for --data {data!r}: the input normalization the "
                           f"weights were trained with, one of {', '.join(NORMALIZATIONS)}")
-    num_classes = args.num_classes if args.num_classes is not None else spec.num_classes if spec else 10
+    num_classes = num_classes if num_classes is not None else spec.num_classes if spec else 10
     return normalization, num_classes
-
-
-def load_model(args: argparse.Namespace, state: Dict[str, Any], data: Any) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """The model to evaluate, and the entries that name it in the JSON."""
-    from advews.models import build_model
-    from advews.models.external import load_external, load_module
-
-    if args.checkpoint:
-        model = build_model(state["model_spec"])
-        model.load_state_dict(state["model"])
-        return model, {"checkpoint": args.checkpoint, "epoch": state.get("epoch")}
-    if args.model:
-        if os.getcwd() not in sys.path:  # the user's own module, as advews-train finds it
-            sys.path.insert(0, os.getcwd())
-        return load_module(args.model), {"model": args.model}
-    normalization, num_classes = external_defaults(args)
-    model = load_external(args.arch, args.weights, num_classes=num_classes, in_channels=data.image_shape[0],
-                          normalization=normalization)
-    return model, {"arch": args.arch, "weights": args.weights, "normalization": normalization,
-                   "num_classes": num_classes}
 
 
 def describe(info: Dict[str, Any]) -> str:
@@ -131,11 +108,11 @@ def describe(info: Dict[str, Any]) -> str:
     return info["model"]
 
 
-def home_dir(args: argparse.Namespace) -> str:
-    """Where derived files go by default: the checkpoint's directory, else the current one."""
-    return os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd()
+def home_dir(info: Dict[str, Any]) -> str:
+    """Where derived files go by default: the directory of the checkpoint ``info`` names, else the current one."""
+    return os.path.dirname(os.path.abspath(info["checkpoint"])) if "checkpoint" in info else os.getcwd()
 
 
-def corruption_cache(args: argparse.Namespace) -> str:
+def corruption_cache(cache_dir: Optional[str], info: Dict[str, Any]) -> str:
     """Where generated corruptions are cached: --cache-dir, else corruption_cache in ``home_dir``."""
-    return args.cache_dir or os.path.join(home_dir(args), "corruption_cache")
+    return cache_dir or os.path.join(home_dir(info), "corruption_cache")

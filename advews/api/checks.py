@@ -1,30 +1,24 @@
-"""advews-eval's checks of its flags, output files and checkpoint, run before anything slow: an
-evaluation may take hours, so a bad flag or an unwritable --output must fail at once, in one line,
-and a write that still fails at the end must not lose the result."""
+"""The evaluation's checks of its options, output files and checkpoint, run before anything slow: an
+evaluation may take hours, so a bad option or an unwritable --output must fail at once, in one line,
+and a write that still fails at the end must not lose the result. Messages name the advews-eval flag,
+so the CLI and the Python API say the same thing."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from advews.attacks.autoattack import AA_ATTACKS
 from advews.attacks.zoo import ZOO
+from advews.api.options import NORMS, SEARCH_BN, VERSIONS, EvalOptions
 from advews.errors import AdvewsError
 
 NATIVE = ("pgd", "fgsm")
 ATTACKS = NATIVE + tuple(ZOO) + ("autoattack", "none")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line on stderr (no usage block) and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _at_least(value: Optional[int], flag: str, low: int) -> None:
@@ -37,8 +31,17 @@ def _finite(value: Optional[float], flag: str, *, positive: bool = False) -> Non
         raise AdvewsError(f"{flag} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """Every number and name given on the command line, before a file is opened."""
+def _one_of(value: Optional[str], flag: str, choices: Sequence[str]) -> None:
+    """The choices the CLI's parser enforces, enforced for Python callers too."""
+    if value is not None and value not in choices:
+        raise AdvewsError(f"argument {flag}: invalid choice: {value!r} (choose from {', '.join(choices)})")
+
+
+def check_flags(args: EvalOptions, has_dataset: bool) -> None:
+    """Every number and name given, before a file is opened. ``has_dataset``: the model names its
+    training dataset (a checkpoint), whose validation split a subnet analysis searches on."""
+    _one_of(args.norm, "--norm", NORMS)
+    _one_of(args.version, "--version", VERSIONS)
     _at_least(args.n_examples, "--n-examples", 1)
     _at_least(args.batch_size, "--batch-size", 1)
     _finite(args.eps, "--eps")
@@ -47,13 +50,14 @@ def check_flags(args: argparse.Namespace) -> None:
     _at_least(args.restarts, "--restarts", 1)
     _at_least(args.num_classes, "--num-classes", 2)
     if args.analysis == "subnets":
-        check_analysis_flags(args)
+        check_analysis_flags(args, has_dataset)
 
 
-def check_analysis_flags(args: argparse.Namespace) -> None:
+def check_analysis_flags(args: EvalOptions, has_dataset: bool) -> None:
     """The --analysis subnets flags; the search needs a validation split, which npz data lacks."""
     from advews.evaluation.subnet_analysis import BN_MODES, STRATEGIES
 
+    _one_of(args.search_bn, "--search-bn", SEARCH_BN)
     strategies = [s for s in args.search.split(",") if s]
     if not strategies or any(s not in STRATEGIES for s in strategies):
         raise AdvewsError(f"bad --search {args.search!r}; use a comma-separated list of {', '.join(STRATEGIES)}")
@@ -66,7 +70,7 @@ def check_analysis_flags(args: argparse.Namespace) -> None:
     _at_least(args.search_updates, "--search-updates", 0)
     _finite(args.search_lr, "--search-lr", positive=True)
     _at_least(args.eval_batch_size, "--eval-batch-size", 1)
-    if not args.checkpoint and not (args.data or "").startswith("dataset:"):
+    if not has_dataset and not (args.data or "").startswith("dataset:"):
         raise AdvewsError("--analysis subnets trains its search on a validation split: use --checkpoint or "
                           "--data dataset:NAME[:ROOT], not npz data")
 
@@ -84,7 +88,7 @@ def parse_attacks(spec: str) -> List[str]:
     return names
 
 
-def autoattack_cascade(args: argparse.Namespace, names: List[str]) -> Optional[List[str]]:
+def autoattack_cascade(args: EvalOptions, names: List[str]) -> Optional[List[str]]:
     """The --aa-attacks list (None unless --version custom), after checking the AutoAttack flags."""
     if "autoattack" not in names:
         if args.state or args.aa_attacks or args.version != "standard":
@@ -122,7 +126,7 @@ def unwritable(path: str) -> Optional[str]:
     return None
 
 
-def check_outputs(args: argparse.Namespace, folders: Dict[str, str]) -> None:
+def check_outputs(args: EvalOptions, folders: Dict[str, str]) -> None:
     """Refuse to overwrite without --force, and refuse any file the run could not write, including
     files it writes into ``folders`` (what each holds: folder)."""
     files = [(args.output, "--output"), (args.hdf5, "--hdf5")]
