@@ -1,5 +1,5 @@
-"""The Python API (advews.load_model, advews.evaluate, advews.analyze_subnets) on a tiny real
-checkpoint: each returns what advews-eval --output writes for the same arguments, raises the CLI's
+"""The Python API (advews.train, advews.load_model, advews.evaluate, advews.analyze_subnets) on a
+tiny real checkpoint: training returns its last metrics row and equals advews-train bit for bit; each returns what advews-eval --output writes for the same arguments, raises the CLI's
 one-line errors as AdvewsError, and ``import advews`` stays torch-free."""
 
 import argparse
@@ -21,19 +21,32 @@ from advews.engine.checkpoint import load_checkpoint
 from advews.models import build_model
 
 
+PARAMS = ["data.dataset = 'mnist5k'", "model.arch = 'small_preact_resnet'", "optimizer.name = 'adam'",
+          "optimizer.lr = 2e-3", "optimizer.weight_decay = 0.0", "schedule.name = 'constant'",
+          "train.defense = 'AT'", "train.epochs = 1", "train.batch_size = 64", "AT.eps = 0.3",
+          "AT.step_size = 0.1", "AT.steps = 2", "train.val_steps = 2", "data.train_limit = 768",
+          "train.eps_warmup_epochs = 1", "data.val_size = 128"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "run"
-    params = ["data.dataset = 'mnist5k'", "model.arch = 'small_preact_resnet'", "optimizer.name = 'adam'",
-              "optimizer.lr = 2e-3", "optimizer.weight_decay = 0.0", "schedule.name = 'constant'",
-              "train.defense = 'AT'", "train.epochs = 1", "train.batch_size = 64", "AT.eps = 0.3",
-              "AT.step_size = 0.1", "AT.steps = 2", "train.val_steps = 2", "data.train_limit = 768",
-              "train.eps_warmup_epochs = 1", "data.val_size = 128"]
-    args = ["--quiet", "--output", str(out)]
-    for p in params:
+    row = advews.train(bindings=PARAMS, output_dir=str(out), quiet=True)
+    logged = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row == {**logged, "run_dir": str(out)} and row["epoch"] == 1
+    return out / "last.pt"
+
+
+def test_train_equals_the_cli(checkpoint, tmp_path):
+    args = ["--quiet", "--output", str(tmp_path / "cli")]
+    for p in PARAMS:
         args += ["--gin-param", p]
     assert train_main(args) == 0
-    return out / "last.pt"
+    api, cli = load_checkpoint(str(checkpoint)), load_checkpoint(str(tmp_path / "cli" / "last.pt"))
+    assert api["model"].keys() == cli["model"].keys()
+    assert all(torch.equal(api["model"][k], cli["model"][k]) for k in api["model"])
+    with pytest.raises(advews.AdvewsError, match="^--resume needs --output DIR"):
+        advews.train(["quickstart.gin"], resume=True)
 
 
 def untimed(result):
