@@ -35,11 +35,14 @@ class View:
 
 @dataclass
 class Batch:
-    """What ``prepare`` produced: the clean batch plus anything crafted from it."""
+    """What ``prepare`` produced: the clean batch plus anything crafted from it. ``mix``: for a
+    CutMix/MixUp batch, the labels of the smaller share and that share (``y`` holds the dominant
+    labels; see ``defenses.mixing``)."""
 
     x: torch.Tensor
     y: torch.Tensor
     x_adv: Optional[torch.Tensor] = None
+    mix: Optional[Tuple[torch.Tensor, float]] = None
 
 
 @dataclass
@@ -79,6 +82,13 @@ class Defense:
 
     def cross_entropy(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
+
+    def batch_cross_entropy(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Cross-entropy against the batch's labels, mixed ones included (CutMix/MixUp)."""
+        if batch.mix is None:
+            return self.cross_entropy(logits, batch.y)
+        minor, share = batch.mix
+        return (1 - share) * self.cross_entropy(logits, batch.y) + share * self.cross_entropy(logits, minor)
 
     def prepare(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Batch:
         return Batch(x, y)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from advews.attacks import TradesKL
 from advews.defenses.base import Batch, Defense, DefenseOutput, View
+from advews.defenses.mixing import Mixing
 from advews.defenses.registry import register_defense
 
 
@@ -21,7 +22,9 @@ def trades_kl(logits_clean: torch.Tensor, logits_adv: torch.Tensor) -> torch.Ten
 @register_defense
 class TRADES(Defense):
     """The KL attack runs with the model in eval mode (``attack_mode``) from an unclipped
-    x + 0.001 * N(0, 1) start (``clamp_start``), as the TRADES code does (see ``TradesKL``)."""
+    x + 0.001 * N(0, 1) start (``clamp_start``), as the TRADES code does (see ``TradesKL``).
+    ``mix`` (cutmix, mixup; Rebuffi et al. 2021): the clean batch is mixed before the label-free
+    attack and its CE term is against the mixed labels (``defenses.mixing``)."""
 
     adversarial = True
 
@@ -35,19 +38,24 @@ class TRADES(Defense):
         label_smoothing: float = 0.0,
         attack_mode: str = "eval",
         clamp_start: bool = False,
+        mix: str = "none",
+        mix_alpha: float = 1.0,
+        mix_prob: float = 1.0,
     ):
         super().__init__(label_smoothing=label_smoothing)
+        self.mixing = Mixing(mix, mix_alpha, mix_prob)
         self.beta = beta
         self.attack = TradesKL(eps=eps, norm=norm, steps=steps, step_size=step_size, clamp_start=clamp_start,
                                model_mode=attack_mode)
 
     def prepare(self, model: nn.Module, x, y) -> Batch:
-        return Batch(x, y, x_adv=self.attack.scaled(self.eps_scale)(model, x, y))
+        x, y, minor = self.mixing(x, y)
+        return Batch(x, y, x_adv=self.attack.scaled(self.eps_scale)(model, x, y), mix=minor)
 
     def loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
         logits_clean = model(batch.x)
         logits_adv = model(batch.x_adv)
-        natural = self.cross_entropy(logits_clean, batch.y)
+        natural = self.batch_cross_entropy(logits_clean, batch)
         robust = trades_kl(logits_clean, logits_adv)
         return DefenseOutput(
             loss=natural + self.beta * robust,
