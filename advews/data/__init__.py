@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import gin
 
 from advews.data.arrays import ArrayDataset, Augment, split_validation
 from advews.data.augment import RandomCropFlip
-from advews.data.folder import FolderDataset
+from advews.data.folder import FolderDataset, with_extra_folders
 from advews.data.registry import DATASETS, DatasetSpec, Split, get_dataset, register_dataset
+from advews.data.streamed import StreamedDataset
 from advews.data.unlabeled import MixedDataset, load_extra
 from advews.errors import AdvewsError
 
@@ -26,6 +27,7 @@ __all__ = [
     "MixedDataset",
     "RandomCropFlip",
     "Split",
+    "StreamedDataset",
     "load_data",
     "load_extra",
     "register_dataset",
@@ -50,7 +52,7 @@ class DataBundle:
     train_augment: Optional[Augment]
 
 
-@gin.configurable("data")
+@gin.configurable("data", denylist=["rank", "world"])
 def load_data(
     dataset: str = "cifar10",
     root: str = "data",
@@ -67,6 +69,9 @@ def load_data(
     image_size: Optional[int] = None,
     num_workers: int = 0,
     pin_memory: bool = False,
+    extra_folders: Sequence[str] = (),
+    rank: int = 0,
+    world: int = 1,
 ) -> DataBundle:
     """Load ``dataset`` and carve out the validation split (``val_size`` None: the dataset's default).
 
@@ -74,8 +79,14 @@ def load_data(
     tests and quick runs. ``normalize`` False reports mean 0 / std 1 (the model sees raw pixels).
 
     ``extra_data``: a file of pseudo-labeled images (see ``unlabeled.load_extra``; a pickle only
-    with ``allow_pickle``) mixed into every training batch at ``extra_fraction``; the validation
-    split and ``train_limit`` apply to the labeled data alone, before mixing.
+    with ``allow_pickle``), or a directory of images.npy + labels.npy streamed from disk (written by
+    ``advews-data convert``), mixed into every training batch at ``extra_fraction``; the validation
+    split and ``train_limit`` apply to the labeled data alone, before mixing. ``rank``/``world``
+    (the trainer's DDP process; not gin settings) make each rank read only its slice of the extra rows.
+
+    ``extra_folders``: DeepAugment's distorted copies of a folder dataset's training images (e.g.
+    ['data/EDSR', 'data/CAE'], each with the training class folders), concatenated to the training
+    split after the validation split and ``train_limit`` (``folder.with_extra_folders``).
 
     ``image_size``, ``num_workers`` and ``pin_memory`` configure folder datasets (imagenet: crop
     size, default 224, and its DataLoader); in-memory datasets ignore the latter two and accept only
@@ -93,6 +104,9 @@ def load_data(
         train = dataclasses.replace(train, augment=augment, **loading)
         val = None if val is None else dataclasses.replace(val, augment=False, **loading)
         test = dataclasses.replace(test, augment=False, **loading)
+        train = with_extra_folders(train, extra_folders, val) if extra_folders else train
+    elif extra_folders:
+        raise AdvewsError(f"data.extra_folders needs a folder dataset such as imagenet, not the in-memory {dataset}")
     elif image_size not in (None, train.image_shape[-1]):
         raise AdvewsError(
             f"data.image_size {image_size} cannot resize {dataset} (images are {train.image_shape[-1]} px); "
@@ -100,7 +114,8 @@ def load_data(
         )
     channels, size = train.image_shape[0], train.image_shape[-1]
     if extra_data is not None:
-        train = _mix(train, dataset, extra_data, extra_fraction, allow_pickle, spec.num_classes)
+        extra = _extra(train, dataset, extra_data, extra_fraction, allow_pickle, spec.num_classes)
+        train = MixedDataset(train, extra, extra_fraction, rank=rank, world=world)
     return DataBundle(
         name=dataset,
         train=train,
@@ -115,13 +130,14 @@ def load_data(
     )
 
 
-def _mix(train: Split, dataset: str, path: str, fraction: float, allow_pickle: bool, num_classes: int) -> MixedDataset:
+def _extra(
+    train: Split, dataset: str, path: str, fraction: float, allow_pickle: bool, num_classes: int
+) -> Union[ArrayDataset, StreamedDataset]:
     if not isinstance(train, ArrayDataset):
         raise AdvewsError(f"data.extra_data needs an in-memory dataset such as cifar10, not the folder {dataset}")
     if not 0.0 <= fraction < 1.0:  # checked before a possibly long load
         raise AdvewsError(f"data.extra_fraction must be in [0, 1), got {fraction}")
-    extra = load_extra(path, allow_pickle, image_shape=train.image_shape, num_classes=num_classes)
-    return MixedDataset(train, extra, fraction)
+    return load_extra(path, allow_pickle, image_shape=train.image_shape, num_classes=num_classes)
 
 
 def _limit(dataset: Split, limit: Optional[int], what: str) -> Split:

@@ -131,6 +131,11 @@ class _Epoch(torch.utils.data.Dataset):
             return self.transform(image), int(self.dataset.labels[index])
 
 
+def class_folders(directory: str) -> List[str]:
+    """The sorted subfolder names of ``directory``: an ImageFolder tree's classes, in label order."""
+    return sorted(e.name for e in os.scandir(directory) if e.is_dir())
+
+
 def scan_folder(
     directory: str, class_to_index: Optional[Dict[str, int]] = None
 ) -> Tuple[List[str], np.ndarray, Tensor]:
@@ -142,7 +147,7 @@ def scan_folder(
     file, then each class's second, ...), so any prefix (``train_limit``, ``test_limit``) and any
     unshuffled batch spans the classes.
     """
-    classes = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+    classes = class_folders(directory)
     if class_to_index is None:
         class_to_index = {name: i for i, name in enumerate(classes)}
     unknown = [name for name in classes if name not in class_to_index]
@@ -166,3 +171,49 @@ def scan_folder(
     order = np.lexsort((np.array(labels), np.array(ranks)))
     paths = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)[order]
     return classes, paths, torch.tensor(labels, dtype=torch.int64)[torch.from_numpy(order)]
+
+
+def with_extra_folders(
+    train: FolderDataset, folders: Sequence[str], held_out: Optional[FolderDataset] = None
+) -> FolderDataset:
+    """``train`` (read from ``train.root``) plus every image under ``folders``, as one dataset.
+
+    DeepAugment (Hendrycks et al. 2021): each extra folder holds distorted copies of the training
+    images (EDSR/, CAE/) under the same class folders; as in the authors' train.py (a
+    ConcatDataset of ImageFolders, uniformly shuffled) each example is drawn once an epoch, so each
+    folder contributes in proportion to its size, with the same training transforms. Copies of the
+    ``held_out`` validation images (same class, same file name up to its extension) are left out,
+    so model selection never sees a distorted twin of a training image.
+    """
+    if isinstance(folders, (str, bytes)) or not all(isinstance(f, str) for f in folders):
+        raise AdvewsError(f"data.extra_folders must be a list of directories, got {folders!r}")
+    classes = class_folders(train.root)
+    index = {name: i for i, name in enumerate(classes)}
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise AdvewsError(f"data.extra_folders: {folder} is not a directory")
+        missing = sorted(set(classes) - set(class_folders(folder)))
+        if missing:
+            raise AdvewsError(f"data.extra_folders: {folder} lacks class folder {missing[0]!r} of {train.root} "
+                              f"({len(missing)} missing); each extra folder must mirror the training classes")
+    skip = set() if held_out is None else {_copy_key(f, int(y)) for f, y in zip(held_out.files, held_out.labels)}
+    roots = [os.path.abspath(p) for p in (train.root, *folders)]
+    common = os.path.commonpath(roots)
+    parts, labels = [_under(common, roots[0], train.files)], [train.labels]
+    for folder, root in zip(folders, roots[1:]):
+        _, files, found = scan_folder(folder, index)
+        keep = np.array([_copy_key(f, int(y)) not in skip for f, y in zip(files, found)], dtype=bool)
+        parts.append(_under(common, root, files[keep]))
+        labels.append(found[torch.from_numpy(keep)])
+    return dataclasses.replace(train, root=common, files=np.concatenate(parts), labels=torch.cat(labels))
+
+
+def _copy_key(file: bytes, label: int) -> Tuple[int, bytes]:
+    """What a distorted copy shares with its original: the class and the file name's stem."""
+    return label, os.path.splitext(os.path.basename(file))[0]
+
+
+def _under(common: str, root: str, files: np.ndarray) -> np.ndarray:
+    """``files`` relative to ``root`` made relative to its ancestor ``common``."""
+    prefix = os.path.relpath(root, common)
+    return files if prefix == os.curdir else np.char.add(os.fsencode(prefix + os.sep), files)
