@@ -28,11 +28,11 @@ def write_cifar10(root, n_train=24, n_test=8):
         pickle.dump({b"label_names": [str(i).encode() for i in range(10)]}, f)
 
 
-def write_imagenet(root, classes=3, per_class=6):
+def write_imagenet(root, classes=3, per_class=6, splits=("train", "val")):
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
+    for split in splits:
         for c in range(classes):
-            d = root / split / f"n{c:08d}"
+            d = (root / split if len(splits) > 1 else root) / f"n{c:08d}"
             d.mkdir(parents=True)
             for k in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / f"{k}.JPEG")
@@ -43,6 +43,8 @@ def stand_in(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
     write_cifar10(root)
     write_imagenet(root / "imagenet")
+    for copy in ("EDSR", "CAE"):  # DeepAugment's distorted copies mirror train/'s class folders
+        write_imagenet(root / copy, splits=("train",))
     rng = np.random.default_rng(1)
     np.savez(root / "extra.npz", image=rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
              label=rng.integers(0, 10, 32))
@@ -51,7 +53,8 @@ def stand_in(tmp_path_factory):
 
 def test_recipe_list_covers_the_paper_rows():
     rows = ["standard", "standard_dropout", "autoaugment", "augmix", "at", "at_awp", "trades", "trades_awp",
-            "trades_awp_unlabeled", "standard_imagenet", "augmix_imagenet", "quickstart"]
+            "trades_awp_unlabeled", "standard_imagenet", "augmix_imagenet", "deepaugment_imagenet",
+            "deepaugment_augmix_imagenet", "quickstart"]
     for row in rows:
         assert row in RECIPES and f"{row}_ews" in RECIPES
 
@@ -69,6 +72,8 @@ def test_recipe_runs_two_steps(recipe, stand_in, tmp_path):
     if "imagenet" in recipe:
         tiny += [f"data.root = '{stand_in / 'imagenet'}'", "data.image_size = 32", "data.num_workers = 0",
                  "data.pin_memory = False", "data.val_size = 3"]
+        if "deepaugment" in recipe:
+            tiny += [f"data.extra_folders = ['{stand_in / 'EDSR'}', '{stand_in / 'CAE'}']"]
     elif "quickstart" not in recipe:
         tiny += [f"data.root = '{stand_in}'"]
     if "unlabeled" in recipe:
