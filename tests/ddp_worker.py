@@ -1,10 +1,13 @@
 """Run by tests/test_distributed.py under torchrun: trains through the real Trainer and records, per
-step, what must agree across ranks (sampled subnet, controller and model parameters)."""
+step, what must agree across ranks (sampled subnet, controller and model parameters), how many
+gradient all-reduces DDP ran, and at the end the EMA's weights and buffers."""
 
 import sys
 
 import torch
 from torch import nn
+
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
 from advews.cli.common import parse_gin
 from advews.defenses.ews import EWSMixin
@@ -26,7 +29,7 @@ def main(output: str, trace: str, resume: str, *bindings: str) -> None:
     records = []
     original = EWSMixin.training_loss
 
-    def recording(self, model, batch):
+    def recording(self, model, batch, backward=None):
         sample = self.search.sample
 
         def traced():
@@ -36,7 +39,7 @@ def main(output: str, trace: str, resume: str, *bindings: str) -> None:
 
         self.search.sample = traced
         try:
-            out = original(self, model, batch)
+            out = original(self, model, batch, backward)
         finally:
             self.search.sample = sample
         records.append(("controller", flat(self.search.controller.parameters())))
@@ -47,8 +50,26 @@ def main(output: str, trace: str, resume: str, *bindings: str) -> None:
     parse_gin([], list(bindings))
     trainer = Trainer(output_dir=output, resume=resume == "resume", quiet=True)
     rank = trainer.dist.rank
+    allreduces = []
+
+    def counting(state, bucket):  # DDP's default all-reduce, counted per step
+        allreduces.append(1)
+        return allreduce_hook(state, bucket)
+
+    trainer.train_model.register_comm_hook(None, counting)
+    original_step = Trainer._train_step
+
+    def step(self, *args):
+        before = len(allreduces)
+        result = original_step(self, *args)
+        records.append(("allreduces", torch.tensor(len(allreduces) - before)))
+        return result
+
+    Trainer._train_step = step
     trainer.run()
-    torch.save({"records": records}, f"{trace}.rank{rank}.pt")
+    ema = None if trainer.ema is None else torch.cat([flat(trainer.ema.model.parameters()),
+                                                      flat(trainer.ema.model.buffers())])
+    torch.save({"records": records, "ema": ema}, f"{trace}.rank{rank}.pt")
 
 
 if __name__ == "__main__":

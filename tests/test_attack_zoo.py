@@ -91,7 +91,7 @@ def test_unknown_or_unsupported_attacks_are_one_line_errors(checkpoint, capsys):
         (["--attack", "autoattack", "--version", "custom"], ["--aa-attacks"]),
         (["--attack", "autoattack", "--aa-attacks", "apgd-ce"], ["--version custom"]),
         (["--attack", "autoattack", "--version", "custom", "--aa-attacks", "apgd-ce,zap"], ["zap"]),
-        (["--attack", "pgd", "--state", "s.json"], ["autoattack"]),
+        (["--attack", "pgd", "--version", "fast"], ["autoattack"]),
     ]:
         assert eval_main(["--checkpoint", str(checkpoint)] + args) == 2
         err = capsys.readouterr().err.strip()
@@ -148,8 +148,17 @@ def test_cli_autoattack_matches_pyautoattack(checkpoint, trained, digits, tmp_pa
     assert torch.equal(flags["stages"]["autoattack"]["apgd-ce"], flags["robust"]["autoattack"])
     assert torch.equal(flags["robust"]["autoattack"], y_adv == y)
 
-    # the finished state makes a rerun skip the cascade and report the same numbers
+    # the finished state makes a rerun skip the cascade (AutoAttack is never called) and report the same numbers
     again = tmp_path / "again.json"
-    assert eval_main(args + ["--output", str(again)]) == 0
+    import advews.attacks.autoattack as aa_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("AutoAttack ran again although --state holds its finished result")
+
+    original, aa_module.run_autoattack = aa_module.run_autoattack, never
+    try:
+        assert eval_main(args + ["--output", str(again)]) == 0
+    finally:
+        aa_module.run_autoattack = original
     rerun = json.loads(again.read_text())["attacks"]["autoattack"]
-    assert rerun["stages"][0]["resumed"] and rerun["robust_acc"] == entry["robust_acc"]
+    assert rerun["robust_acc"] == entry["robust_acc"] and rerun["stages"] == entry["stages"]

@@ -133,7 +133,7 @@ def test_sanity_check_warnings_are_reported(setup):
     (dict(version="custom"), "apgd-ce"),
     (dict(version="custom", attacks=["apgd-ce", "laser"]), "laser"),
     (dict(version="standard", attacks=["apgd-ce"]), "custom"),
-    (dict(version="fast"), "fast"),
+    (dict(version="quick"), "quick"),
     (dict(eps=0.0), "eps"),
 ])
 def test_bad_options_are_one_line_errors(setup, kwargs, needle):

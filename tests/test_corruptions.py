@@ -184,7 +184,8 @@ def test_generated_corruptions_are_cached_reproducible_and_guarded(tmp_path, mon
         raise AssertionError("recomputed a cached corruption")
 
     with monkeypatch.context() as m:
-        m.setattr(generated_corruptions, "corrupt", refuse)
+        version = generated_corruptions._imagecorruptions()[1]
+        m.setattr(generated_corruptions, "_imagecorruptions", lambda: (refuse, version))
         again = generate_corruptions(data, path, corruptions=names, severities=(1, 5), seed=0)
         for (c, s), ds in first.items():
             assert torch.equal(again.dataset(c, s).images, ds.images)
@@ -219,7 +220,9 @@ def test_generated_spec_caches_by_source_and_bad_specs(tmp_path, monkeypatch):
     res = run_corruption_benchmark(ConstantClassifier(), "generated:contrast,pixelate", **kwargs)
     assert list(res["corruptions"]) == ["contrast", "pixelate"] and res["severities"] == [1, 2, 3, 4, 5]
     assert len(os.listdir(tmp_path)) == 1
-    monkeypatch.setattr(generated_corruptions, "corrupt", lambda *a, **k: pytest.fail("recomputed"))
+    version = generated_corruptions._imagecorruptions()[1]
+    monkeypatch.setattr(generated_corruptions, "_imagecorruptions",
+                        lambda: (lambda *a, **k: pytest.fail("recomputed"), version))
     assert run_corruption_benchmark(ConstantClassifier(), "generated:contrast,pixelate", **kwargs) == res
     assert "contrast" in format_table(res)
     for bad in ("cifar10-c", "cifar10-c:", "svhn-c:/data", "generated:", "imagenet-c"):
@@ -227,3 +230,16 @@ def test_generated_spec_caches_by_source_and_bad_specs(tmp_path, monkeypatch):
             run_corruption_benchmark(ConstantClassifier(), bad, **kwargs)
     with pytest.raises(AdvewsError, match="unknown corruption 'rain'"):
         run_corruption_benchmark(ConstantClassifier(), "generated:rain", **kwargs)
+
+
+def test_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch):
+    """imagecorruptions-imaug is the optional extra 'corruptions': without it, one line saying how to get it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "imagecorruptions", None)
+    data = load_data("mnist5k").test.subset(range(4))
+    with pytest.raises(AdvewsError) as info:
+        generate_corruptions(data, str(tmp_path / "c.h5"), corruptions=["contrast"], seed=0)
+    assert str(info.value) == ("generated corruptions need the imagecorruptions-imaug package: "
+                               "pip install 'advews[corruptions]'")
+    assert not (tmp_path / "c.h5").exists()

@@ -32,10 +32,19 @@ def torchrun(output, trace, *bindings, resume=False):
     return [torch.load(f"{trace}.rank{r}.pt", weights_only=True)["records"] for r in (0, 1)]
 
 
+def emas(trace):
+    return [torch.load(f"{trace}.rank{r}.pt", weights_only=True)["ema"] for r in (0, 1)]
+
+
 def test_ews_ranks_stay_in_lockstep(tmp_path):
-    rank0, rank1 = torchrun(tmp_path / "run", tmp_path / "trace", *EWS, "train.epochs = 1")
+    """Also: EWS's staged backward all-reduces the gradients once per step, and the EMA is identical
+    on both ranks (weights and BN buffers)."""
+    rank0, rank1 = torchrun(tmp_path / "run", tmp_path / "trace", *EWS, "train.epochs = 1", "train.ema_decay = 0.9")
     kinds = [k for k, _ in rank0]
     assert kinds.count("subnet") == 8 and kinds.count("controller") == 8  # 256 / 32 steps
+    assert [int(v) for k, v in rank0 if k == "allreduces"] == [1] * 8  # one bucket, one all-reduce per step
+    ema0, ema1 = emas(tmp_path / "trace")
+    assert ema0 is not None and torch.equal(ema0, ema1)
     for (k0, v0), (k1, v1) in zip(rank0, rank1):
         assert k0 == k1 and torch.equal(v0, v1), k0
     controllers = [v for k, v in rank0 if k == "controller"]

@@ -3,6 +3,7 @@ predictions and rankings the tests choose, against values worked out by hand."""
 
 import io
 import itertools
+import json
 import sys
 
 import cv2
@@ -11,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+import advews
 from advews.data.perturbation_sets import (
     PERTURBATIONS,
     open_cifar_p,
@@ -279,3 +281,46 @@ def test_progress_bar_only_on_a_terminal(tmp_path, monkeypatch):
         monkeypatch.setattr(sys, "stderr", stream)
         evaluate_flip_rates(RowScores(), data)
         assert ("brightness" in stream.getvalue()) == shown
+
+
+def test_cli_perturbations_table_json_and_baseline(tmp_path, monkeypatch, capsys):
+    """advews-eval --perturbations prints the table and writes it under 'perturbations'; a baseline
+    file (here the run itself) normalises every rate to 1."""
+    from advews.cli.eval import main as eval_main
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "cifar10p"
+    root.mkdir()
+    write_cifar_p(root)
+    np.savez(tmp_path / "d.npz", x=np.stack([row_frame(p) for p in (0, 1)]), y=np.array([0, 1]))
+    flags = ["--model", "test_flip_rate:RowScores", "--data", f"npz:{tmp_path / 'd.npz'}",
+             "--perturbations", f"cifar10-p:{root}"]
+    assert eval_main([*flags, "--output", "fr.json"]) == 0
+    out = capsys.readouterr().out
+    assert "brightness" in out and "mean flip probability" in out and "mFR" not in out
+    rows = json.loads((tmp_path / "fr.json").read_text())["perturbations"]["perturbations"]
+    assert rows["brightness"]["flip_probability"] == pytest.approx(FP_CONSECUTIVE)
+    assert rows["gaussian_noise"]["flip_probability"] == pytest.approx(FP_FIRST)
+    assert rows["brightness"]["top5_distance"] == pytest.approx(T5D_CONSECUTIVE)
+    assert eval_main([*flags, "--perturbation-baseline", "fr.json", "--output", "norm.json"]) == 0
+    assert "mFR 100.00%, mT5D 100.00%" in capsys.readouterr().out
+    result = advews.evaluate(RowScores(), data=f"npz:{tmp_path / 'd.npz'}", perturbations=f"cifar10-p:{root}",
+                             perturbation_baseline="fr.json")
+    assert result["perturbations"]["mfr"] == pytest.approx(1.0) and result["attacks"] == {}
+
+
+def test_cli_perturbation_flags_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from advews.cli.eval import main as eval_main
+
+    monkeypatch.chdir(tmp_path)
+    np.savez(tmp_path / "d.npz", x=np.stack([row_frame(p) for p in (0, 1)]), y=np.array([0, 1]))
+    (tmp_path / "bad.json").write_text('{"clean_acc": 1}')
+    write_cifar_p(tmp_path)
+    flags = ["--model", "test_flip_rate:RowScores", "--data", f"npz:{tmp_path / 'd.npz'}"]
+    for extra, message in ((["--perturbations", "cifar10-q:x"], "cifar10-q:x"),
+                           (["--perturbations", f"cifar10-p:{tmp_path}", "--perturbation-baseline", "bad.json"],
+                            "bad.json holds no per-perturbation flip rates"),
+                           (["--perturbation-baseline", "bad.json"], "give both")):
+        assert eval_main([*flags, *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

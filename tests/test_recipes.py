@@ -48,13 +48,16 @@ def stand_in(tmp_path_factory):
     rng = np.random.default_rng(1)
     np.savez(root / "extra.npz", image=rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8),
              label=rng.integers(0, 10, 32))
+    (root / "gen").mkdir()  # generated data in the streamed format (advews-data convert's output)
+    np.save(root / "gen" / "images.npy", rng.integers(0, 256, (32, 32, 32, 3), dtype=np.uint8))
+    np.save(root / "gen" / "labels.npy", rng.integers(0, 10, 32))
     return root
 
 
 def test_recipe_list_covers_the_paper_rows():
     rows = ["standard", "standard_dropout", "autoaugment", "augmix", "at", "at_awp", "trades", "trades_awp",
             "trades_awp_unlabeled", "standard_imagenet", "augmix_imagenet", "deepaugment_imagenet",
-            "deepaugment_augmix_imagenet", "quickstart"]
+            "deepaugment_augmix_imagenet", "trades_dm", "quickstart"]
     for row in rows:
         assert row in RECIPES and f"{row}_ews" in RECIPES
 
@@ -78,6 +81,8 @@ def test_recipe_runs_two_steps(recipe, stand_in, tmp_path):
         tiny += [f"data.root = '{stand_in}'"]
     if "unlabeled" in recipe:
         tiny += [f"data.extra_data = '{stand_in / 'extra.npz'}'"]
+    if "trades_dm" in recipe:
+        tiny += [f"data.extra_data = '{stand_in / 'gen'}'"]
     parse_gin([recipe + ".gin"], tiny)
     out = tmp_path / "run"
     Trainer(output_dir=str(out), quiet=True).run()

@@ -77,6 +77,16 @@ def assert_same_run(run, reference):
     assert os.path.isfile(os.path.join(run, "config.gin"))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """In-process runs use one intra-op thread, like the OMP_NUM_THREADS=1 subprocesses they are
+    compared with bit for bit (2 threads reduce in another order)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """Uninterrupted runs, AT and AT_EWS, to compare every interrupted one with."""

@@ -5,7 +5,6 @@ so the CLI and the Python API say the same thing."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import tempfile
@@ -91,8 +90,8 @@ def parse_attacks(spec: str) -> List[str]:
 def autoattack_cascade(args: EvalOptions, names: List[str]) -> Optional[List[str]]:
     """The --aa-attacks list (None unless --version custom), after checking the AutoAttack flags."""
     if "autoattack" not in names:
-        if args.state or args.aa_attacks or args.version != "standard":
-            raise AdvewsError("--state, --version and --aa-attacks configure autoattack; add it to --attack")
+        if args.aa_attacks or args.version != "standard":
+            raise AdvewsError("--version and --aa-attacks configure autoattack; add it to --attack")
         return None
     if args.version != "custom":
         if args.aa_attacks:
@@ -147,17 +146,11 @@ def check_outputs(args: EvalOptions, folders: Dict[str, str]) -> None:
 
 
 def _check_state(path: str) -> None:
-    """An existing --state must be an AutoAttack state file: found out now, not after hours of attacks
-    (whether it belongs to this evaluation is checked when AutoAttack starts)."""
-    from advews.attacks.autoattack import STATE_FORMAT
+    """An existing --state must be an advews-eval state file: found out now, not after hours of
+    attacks (whether it belongs to this evaluation is checked before the first attack)."""
+    from advews.api.eval_state import read_state
 
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, ValueError) as error:
-        raise AdvewsError(f"cannot read AutoAttack state {path}: {' '.join(str(error).split())}") from None
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise AdvewsError(f"{path} is not an AutoAttack state file ({STATE_FORMAT})")
+    read_state(path)
 
 
 def write_or_fallback(path: str, flag: str, write: Callable[[str], None]) -> Tuple[str, Optional[str]]:

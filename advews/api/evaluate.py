@@ -86,6 +86,9 @@ def prepare(args: EvalOptions, model: Optional[nn.Module] = None, figures: Optio
     check_flags(args, has_dataset=bool(args.checkpoint or (given and given.data_spec)))
     if model is None:
         check_model_source(args)
+    elif args.weights_from:
+        raise AdvewsError("weights_from picks a checkpoint's weights; give the checkpoint's path, or "
+                          "load_model(path, weights_from=...)")
     attack_spec = args.attack if args.attack is not None else "none" if args.corruptions else "pgd"
     names = parse_attacks(attack_spec)
     cascade = autoattack_cascade(args, names)
@@ -104,7 +107,7 @@ def prepare(args: EvalOptions, model: Optional[nn.Module] = None, figures: Optio
     check_outputs(args, folders)
     device = resolve_device(args.device)
     if model is None and args.checkpoint:
-        model = checkpoint_model(args.checkpoint, device)
+        model = checkpoint_model(args.checkpoint, device, args.weights_from)
     known = facts(model) if model is not None else Facts({}, {}, {}, None)
     attacks: Dict[str, Any] = {}
     params: Dict[str, Dict[str, Any]] = {}
@@ -259,19 +262,32 @@ def evaluate(
     output: Optional[str] = None,
     force: bool = False,
     device: str = "auto",
+    weights_from: Optional[str] = None,
+    amp: Optional[str] = None,
+    perturbations: Optional[str] = None,
+    perturbation_baseline: Optional[str] = None,
 ) -> Dict[str, Any]:
     """advews-eval as a function: each argument is the flag of that name (``attacks`` is --attack,
     a list or a comma-separated string; default pgd, none when ``corruptions`` is given) and the
     result is the dict --output would hold. ``model``: a checkpoint or export path, or an nn.Module
     taking [0, 1] pixels (from ``load_model``, whose training eps, norm and dataset are the defaults),
-    moved to ``device``. Raises AdvewsError with the CLI's one-line message, also when --output or
-    --hdf5 had to go to a fallback file (the message names it)."""
+    moved to ``device``; ``weights_from``: a checkpoint's 'ema' or 'live' weights. Raises AdvewsError
+    with the CLI's one-line message, also when --output or --hdf5 had to go to a fallback file (the
+    message names it). Under torchrun each rank evaluates its shard and every rank returns the merged
+    result (rank 0 writes the files)."""
     checkpoint, module = split_model(model)
     args = EvalOptions(checkpoint=checkpoint, attack=comma_list(attacks), eps=eps, steps=steps, step_size=step_size,
                        norm=norm, restarts=restarts, n_examples=n_examples, batch_size=batch_size, data=data,
                        corruptions=corruptions, cache_dir=cache_dir, seed=seed, version=version,
                        aa_attacks=comma_list(aa_attacks), state=state, hdf5=hdf5, device=device, output=output,
-                       force=force)
+                       force=force, weights_from=weights_from, amp=amp, perturbations=perturbations,
+                       perturbation_baseline=perturbation_baseline)
+    from advews.api.extended import needs_extended, run_extended
+
+    if needs_extended(args):  # --state, --amp, --perturbations, or a torchrun rank
+        result, failed, main = run_extended(args, module, prepare)
+        report_failures(failed + (write_json(output, result) if main else []))
+        return result
     result, failed = run_evaluation(args, module)
     report_failures(failed + write_json(output, result))
     return result

@@ -50,20 +50,23 @@ def load_model(
     num_classes: Optional[int] = None,
     data: Optional[str] = None,
     device: str = "cpu",
+    weights_from: Optional[str] = None,
 ) -> nn.Module:
     """The model of an advews checkpoint (best.pt / last.pt) or advews-export directory at ``path``,
     or zoo architecture ``arch`` holding the state_dict file ``weights`` (like advews-eval's --arch,
     --weights, --normalization, --num-classes; ``data``, a --data spec, sets their defaults and the
     input channels). In eval mode on ``device``, with the attributes ``threat_model``, ``data_spec``,
-    ``source`` and ``image_shape`` (see ``Facts``), which ``evaluate`` takes its defaults from."""
+    ``source`` and ``image_shape`` (see ``Facts``), which ``evaluate`` takes its defaults from.
+    ``weights_from``: a checkpoint's 'ema' or 'live' weights (like --weights-from; default its EMA's
+    when it has one)."""
     from advews.engine.trainer import resolve_device
 
     path, weights = (None if p is None else os.fspath(p) for p in (path, weights))
     check_model_source(EvalOptions(checkpoint=path, arch=arch, weights=weights, normalization=normalization,
-                                   num_classes=num_classes))
+                                   num_classes=num_classes, weights_from=weights_from))
     where = resolve_device(device)
     if path is not None:
-        return checkpoint_model(path, where)
+        return checkpoint_model(path, where, weights_from)
     if data is None:
         raise AdvewsError(f"--data is required without --checkpoint (there is no training dataset): {DATA_FORMS}")
     model = arch_model(EvalOptions(arch=arch, weights=weights, normalization=normalization,
@@ -71,9 +74,11 @@ def load_model(
     return model.to(where)
 
 
-def checkpoint_model(path: str, device: torch.device) -> nn.Module:
-    """An advews checkpoint or export, checked before its weights are built into the model."""
+def checkpoint_model(path: str, device: torch.device, weights_from: Optional[str] = None) -> nn.Module:
+    """An advews checkpoint or export, checked before its weights (``engine.ema.select_weights``:
+    ``weights_from``, default the EMA's when it has one) are built into the model."""
     from advews.engine.checkpoint import load_checkpoint
+    from advews.engine.ema import select_weights
     from advews.engine.export import is_export, load_export
     from advews.models import build_model
 
@@ -81,9 +86,10 @@ def checkpoint_model(path: str, device: torch.device) -> nn.Module:
              else load_checkpoint(path, map_location=device))
     check_checkpoint(path, state)
     model = build_model(state["model_spec"])
-    model.load_state_dict(state["model"])
+    weights, which = select_weights(state, weights_from, path)
+    model.load_state_dict(weights)
     return _attach(model.to(device).eval(), Facts(
-        {"checkpoint": path, "epoch": state.get("epoch")}, state.get("threat_model") or {},
+        {"checkpoint": path, "epoch": state.get("epoch"), "weights": which}, state.get("threat_model") or {},
         state.get("data_spec") or {}, checkpoint_image_shape(state)))
 
 

@@ -2,21 +2,24 @@
 its flags accept. Torch-free, so ``advews-eval --help`` and argument parsing start at once.
 
 The name tables copy ones defined next to torch code (``advews.attacks.autoattack``,
-``advews.models.external``, ``advews.evaluation.corruption_scoring``); tests/test_api.py checks that
-the copies agree."""
+``advews.models.external``, ``advews.evaluation.corruption_scoring``,
+``advews.data.perturbation_sets``); tests/test_api.py checks that the copies agree."""
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-VERSIONS = ("standard", "plus", "rand", "custom")
+VERSIONS = ("standard", "plus", "rand", "custom", "fast")
+AMP = ("bf16", "fp16")
+PERTURBATION_SPECS = "cifar10-p:DIR, cifar100-p:DIR or imagenet-p:DIR"
 NORMALIZATION_NAMES = ("cifar10", "cifar100", "imagenet", "cifar10_dm", "cifar100_dm", "none")
 CORRUPTION_SPECS = "cifar10-c:DIR, cifar100-c:DIR, imagenet-c:DIR or generated[:CORRUPTION,...]"
 NORMS = ("Linf", "L2")
 SEARCH_BN = ("eval", "train")
+WEIGHTS_FROM = ("ema", "live")
 
 
 @dataclass
@@ -24,6 +27,7 @@ class EvalOptions:
     """Every advews-eval flag (``--n-examples`` is ``n_examples``), defaulted as the CLI defaults it."""
 
     checkpoint: Optional[str] = None
+    weights_from: Optional[str] = None
     arch: Optional[str] = None
     weights: Optional[str] = None
     normalization: Optional[str] = None
@@ -57,6 +61,12 @@ class EvalOptions:
     eval_batch_size: Optional[int] = None
     output: Optional[str] = None
     force: bool = False
+    amp: Optional[str] = None
+    shards: Optional[int] = None
+    shard: Optional[int] = None
+    merge: Optional[List[str]] = None
+    perturbations: Optional[str] = None
+    perturbation_baseline: Optional[str] = None
 
 
 DEFAULTS: Dict[str, Any] = {f.name: f.default for f in dataclasses.fields(EvalOptions)}

@@ -77,6 +77,8 @@ def check_model_source(args: EvalOptions) -> None:
                           f"MODULE:FUNCTION (got {' and '.join(given) or 'none'})")
     if bool(args.arch) != bool(args.weights):
         raise AdvewsError(f"--arch and --weights go together, got only {'--arch' if args.arch else '--weights'}")
+    if args.weights_from and not args.checkpoint:
+        raise AdvewsError("--weights-from picks a checkpoint's EMA or live weights; it needs --checkpoint")
     if not args.arch and (args.normalization or args.num_classes is not None):
         raise AdvewsError("--normalization and --num-classes describe --arch/--weights models; "
                           "a checkpoint or --model fixes its own")
@@ -102,7 +104,8 @@ def external_defaults(data: str, normalization: Optional[str], num_classes: Opti
 def describe(info: Dict[str, Any]) -> str:
     """The model as the reports name it."""
     if "checkpoint" in info:
-        return f"{info['checkpoint']} (epoch {info['epoch']})"
+        weights = f", {info['weights']} weights" if "weights" in info else ""
+        return f"{info['checkpoint']} (epoch {info['epoch']}{weights})"
     if "arch" in info:
         return f"{info['arch']} with {info['weights']} (normalization {info['normalization']})"
     return info["model"]

@@ -15,12 +15,15 @@ from typing import Any, Dict, List, Optional
 
 from advews.api.options import (
     AA_ATTACKS,
+    AMP,
     CORRUPTION_SPECS,
     DEFAULTS,
     NORMALIZATION_NAMES,
     NORMS,
+    PERTURBATION_SPECS,
     SEARCH_BN,
     VERSIONS,
+    WEIGHTS_FROM,
     EvalOptions,
 )
 from advews.cli.common import OneLineParser, run_cli
@@ -41,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or its subnets. The model: exactly one of --checkpoint, --arch with --weights, or --model.")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="a best.pt or last.pt of advews-train, or a directory written by advews-export")
+    p.add_argument("--weights-from", choices=WEIGHTS_FROM, help="a checkpoint's weights to evaluate: ema (its "
+                   "exponential moving average, the default when it was trained with train.ema_decay) or live")
     p.add_argument("--arch", metavar="NAME", help="zoo architecture to load --weights into (a model trained "
                    "elsewhere; needs --data, and --eps for attacks)")
     p.add_argument("--weights", metavar="FILE", help="a state_dict file for --arch (torch.load weights_only; "
@@ -76,12 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of the attacks' randomness; every attack starts "
                    "from it, so its numbers do not depend on the other attacks run (default 0)")
     p.add_argument("--version", choices=VERSIONS,
-                   help="AutoAttack version (default standard: apgd-ce, apgd-t, fab-t, square)")
+                   help="AutoAttack version (default standard: apgd-ce, apgd-t, fab-t, square); fast: apgd-ce and "
+                   "apgd-t set up as in standard, for screening only (on AWP's published WRN-34-10 logs fab-t and "
+                   "square took ~70%% of the time and changed 0.00 points), reported as not the standard AA")
     p.add_argument("--aa-attacks", metavar="LIST", help="AutoAttack cascade for --version custom, "
                    f"comma-separated from {', '.join(AA_ATTACKS)}")
-    p.add_argument("--state", metavar="FILE", help="AutoAttack resume file: rewritten after every cascade "
-                   "stage; rerunning with it skips the stages done (refused for another eps, norm, "
-                   "version, seed, data or model)")
+    p.add_argument("--state", metavar="FILE", help="resume file for every attack: rewritten after every batch "
+                   "(AutoAttack: every cascade stage); rerunning the same command skips the work done and gives the "
+                   "same flags (refused for other attacks, parameters, seed, data or model). Sharded runs keep one "
+                   "file per shard: FILE with .shardIofN before its extension")
+    p.add_argument("--amp", choices=AMP, help="run the attacks under autocast in bf16 or fp16, then re-check every "
+                   "adversarial example in fp32: a point counts as broken only if the fp32 model misclassifies it; "
+                   "reports both counts and warns when they differ by more than 0.5 points")
+    p.add_argument("--shards", type=int, metavar="N", help="split the examples into N contiguous shards and run one "
+                   "(--shard) in this process, e.g. one per array job (needs --state; combine them with --merge). "
+                   "Under torchrun --nproc_per_node=N each rank runs one shard and rank 0 writes the result")
+    p.add_argument("--shard", type=int, metavar="I", help="the shard this process runs, 0 to N - 1")
+    p.add_argument("--merge", nargs="+", metavar="STATE", help="combine the --state files of all shards of one "
+                   "sharded run into its report, --output and --hdf5 (no model is loaded)")
+    p.add_argument("--perturbations", metavar="SPEC", help=f"flip rates on {PERTURBATION_SPECS}: flip probability "
+                   "and top-5 distance per perturbation (Hendrycks & Dietterich's Table 3), JSON under "
+                   "'perturbations'; runs alone unless --attack is given")
+    p.add_argument("--perturbation-baseline", metavar="FILE", help="the JSON of an earlier --perturbations run "
+                   "(e.g. AlexNet's) whose rates normalise these into mFR and mT5D")
     p.add_argument("--hdf5", metavar="FILE", help="write per-example correctness (clean, per attack, per "
                    "AutoAttack stage, worst case) and labels to an HDF5 file (refuses to overwrite)")
     p.add_argument("--device", help="where the model runs: auto (default: cuda when available, else cpu), "
@@ -113,11 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _main(args: EvalOptions) -> int:
-    from advews.api.evaluate import report_failures, run_evaluation, write_json
+    from advews.api.evaluate import prepare, report_failures, run_evaluation, write_json
+    from advews.api.extended import needs_extended, run_extended, run_merge
 
+    if args.merge:
+        result, failed = run_merge(args)
+        print_report(result)
+        report_failures(failed + write_json(args.output, result))
+        return 0
     if args.analysis == "subnets":
         return _analyze(args)
-    result, failed = run_evaluation(args)
+    if needs_extended(args):
+        result, failed, main = run_extended(args, None, prepare)
+        if not main:
+            return 0  # a torchrun rank other than 0: rank 0 reports
+    else:
+        result, failed = run_evaluation(args)
     print_report(result)
     if "corruptions" in result:
         from advews.evaluation.corruptions import format_table
@@ -150,6 +183,11 @@ def _analyze(args: EvalOptions) -> int:
     return 0
 
 
+# Entries of an attack that are results, not parameters (--amp's counts: advews.api.extended.extra_lines).
+NOT_PARAMS = ("robust_acc", "seconds", "stages", "warnings", "amp", "robust_acc_low_precision",
+              "broken_low_precision", "confirmed_fp32", "broken_fp32", "precision_warning")
+
+
 def _format_params(params: Dict[str, Any]) -> str:
     def show(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else ",".join(v) if isinstance(v, list) else str(v)
@@ -160,6 +198,7 @@ def _format_params(params: Dict[str, Any]) -> str:
 def print_report(result: Dict[str, Any]) -> None:
     """One attack other than autoattack: the classic lines. Otherwise a table with a row per attack,
     per AutoAttack stage, and the per-point worst case over all of them."""
+    from advews.api.extended import extra_lines
     from advews.api.sources import describe
 
     names = list(result["attacks"]) or ["none"]
@@ -167,22 +206,29 @@ def print_report(result: Dict[str, Any]) -> None:
     print(f"{'examples':<12}{result['n_examples']}")
     attacks = result["attacks"]
     if len(names) == 1 and names != ["autoattack"]:
-        params = {k: v for k, v in attacks.get(names[0], {}).items() if k not in ("robust_acc", "seconds")}
+        params = {k: v for k, v in attacks.get(names[0], {}).items() if k not in NOT_PARAMS}
         print(f"{'attack':<12}{names[0]} {_format_params(params)}".rstrip())
         print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
         if result["robust_acc"] is not None:
             print(f"{'robust acc':<12}{100 * result['robust_acc']:.2f}%")
+        _print_lines(extra_lines(result))
         return
     print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
     print(f"{'attack':<16}{'robust acc':>11}  parameters")
     for name, entry in attacks.items():
-        params = {k: v for k, v in entry.items() if k not in ("robust_acc", "seconds", "stages", "warnings")}
+        params = {k: v for k, v in entry.items() if k not in NOT_PARAMS}
         print(f"{name:<16}{100 * entry['robust_acc']:>10.2f}%  {_format_params(params)}")
         for stage in entry.get("stages", []):
             print(f"{'  after ' + stage['attack']:<16}{100 * stage['robust_acc']:>10.2f}%")
         for warning in entry.get("warnings", []):
             print(f"  warning: {warning}")
     print(f"{'worst case':<16}{100 * result['robust_acc']:>10.2f}%  robust only if every attack above fails")
+    _print_lines(extra_lines(result))
+
+
+def _print_lines(lines: List[str]) -> None:
+    for line in lines:
+        print(line)
 
 
 def print_subnet_report(args: EvalOptions, result: Dict[str, Any]) -> None:

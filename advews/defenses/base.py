@@ -4,20 +4,32 @@ One training step of the single training loop is
 
     batch = defense.prepare(model, x, y)        # e.g. craft adversarial examples (weights untouched)
     defense.begin_step(model, batch)            # e.g. AWP perturbs the weights
-    out = defense.training_loss(model, batch)   # the objective (+ the EWS term when mixed in)
-    out.loss.backward(); optimizer.step()
+    optimizer.zero_grad()
+    out = defense.training_loss(model, batch, backward)  # the objective (+ the EWS term when mixed in)
+    if not out.backpropagated:
+        backward(out.loss)
+    optimizer.step()
     defense.end_step(model)                     # e.g. AWP restores the weights
 
 A defense implements ``loss``: it returns the loss and says which views (input, full-net logits,
 weight) a subnet should be distilled on and which view a weak-subnet search should score subnets
 on. Mixins (EWS, AWP) wrap ``training_loss``/``begin_step``/``end_step`` and never need to know
 which defense they wrap.
+
+``backward`` (a ``Backward``, or None when called outside the loop) lets ``training_loss``
+backpropagate its loss in parts, so that each part's graph is freed before the next part's forward
+(EWS backpropagates the defense's loss before the subnet forward: the peak memory is the larger
+graph, not the sum). Gradients add up over its calls; forwards and backwards inside
+``backward.local()`` skip DDP's gradient all-reduce, so a step still all-reduces once, in its last
+backward. A ``training_loss`` that calls ``backward`` passes all of its loss through it and returns
+``backpropagated=True``, with ``loss`` the (detached) total for the metrics and the divergence guard.
+A defense implementing only ``loss`` never sees it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import ContextManager, Dict, List, Optional, Protocol, Tuple
 
 import torch
 from torch import nn
@@ -53,6 +65,17 @@ class DefenseOutput:
     search_y: torch.Tensor
     logits: torch.Tensor  # the logits training accuracy is reported on (search view's logits)
     metrics: Dict[str, torch.Tensor] = field(default_factory=dict)
+    backpropagated: bool = False  # training_loss already passed all of ``loss`` through ``backward``
+
+
+class Backward(Protocol):
+    """The loop's backward pass, handed to ``training_loss`` (see the module docstring)."""
+
+    def __call__(self, loss: torch.Tensor) -> None:
+        """Backpropagate ``loss`` now; gradients add up over a step's calls."""
+
+    def local(self) -> ContextManager[None]:
+        """Forwards and backwards inside it do not all-reduce gradients (DDP ``no_sync``)."""
 
 
 class Defense:
@@ -104,7 +127,8 @@ class Defense:
             return batch.x_adv, batch.y
         return batch.x, batch.y
 
-    def training_loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+    def training_loss(self, model: nn.Module, batch: Batch, backward: Optional[Backward] = None) -> DefenseOutput:
+        """The step's objective; ``backward``: see the module docstring (a plain defense leaves it to the loop)."""
         return self.loss(model, batch)
 
     def begin_step(self, model: nn.Module, batch: Batch) -> None:

@@ -9,6 +9,7 @@ for adversarial ones). The registry derives ``X_EWS = (EWSMixin, X)`` for every 
 
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import gin
@@ -17,7 +18,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from advews import collectives
-from advews.defenses.base import Batch, DefenseOutput
+from advews.defenses.base import Backward, Batch, DefenseOutput
 from advews.defenses.registry import register_deriver
 from advews.errors import AdvewsError
 from advews.subnets import Subnet, build_search, set_bn_mode, space_of, subnet
@@ -130,22 +131,39 @@ class EWSMixin:
             self._update_search(model, batch)
             super().begin_step(model, batch)
 
-    def training_loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
+    def training_loss(self, model: nn.Module, batch: Batch, backward: Optional[Backward] = None) -> DefenseOutput:
+        """The defense's loss plus ``lam`` times the subnets' KL. With the loop's ``backward``, each
+        part is backpropagated as soon as its forward ran: the defense's loss before the subnet
+        forwards, then each view's KL (the teacher logits are detached, so the gradients are those
+        of the sum); all but the last inside ``backward.local()``, so DDP all-reduces once. The peak
+        memory then holds the largest single graph, not all of them."""
         if self._search_metrics is None:  # called without begin_step (e.g. from user code)
             self._update_search(model, batch)
-        out = super().training_loss(model, batch)
+        staged = backward is not None and self.lam > 0
+        with backward.local() if staged else contextlib.nullcontext():
+            out = super().training_loss(model, batch, backward)
+            if staged and not out.backpropagated:
+                backward(out.loss)
         metrics, self._search_metrics = self._search_metrics, None
         self.iteration += 1
         if self.lam > 0:
             alpha = self.search.sample()
             kl = out.loss.new_zeros(())
             with subnet(model, alpha, self.space, dropout=self.subnet_dropout):
-                for view in out.views:
-                    student = model(view.x)
-                    kl = kl + view.weight * distillation_kl(view.logits.detach(), student)
+                for v, view in enumerate(out.views):
+                    last = v == len(out.views) - 1
+                    with backward.local() if staged and not last else contextlib.nullcontext():
+                        student = model(view.x)
+                        term = view.weight * distillation_kl(view.logits.detach(), student)
+                        if staged:
+                            backward(self.lam * term)
+                    kl = kl + (term.detach() if staged else term)
                     if view.x is out.search_x:
                         metrics["ews_subnet_acc"] = (student.detach().argmax(1) == out.search_y).float().mean()
-            out.loss = out.loss + self.lam * kl
+            if staged:
+                out.loss, out.backpropagated = out.loss.detach() + self.lam * kl, True
+            else:
+                out.loss = out.loss + self.lam * kl
             metrics["ews_kl"] = kl.detach()
         out.metrics = {**out.metrics, **metrics}
         return out

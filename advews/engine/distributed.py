@@ -58,3 +58,11 @@ def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (e.g. the EMA's BN statistics, copied from each rank's live
+    model, whose statistics drift apart between DDP's broadcasts); a no-op in a single process."""
+    if active():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)

@@ -5,7 +5,9 @@ safetensors is the format the model hubs use: a JSON header plus raw tensor byte
 code when loaded, unlike a torch checkpoint that is opened without ``weights_only``. The config
 holds what ``advews-eval`` reads from a checkpoint (architecture and options, normalisation,
 dataset, classes, training threat model, defense) plus the advews version that wrote it, so
-``advews-eval --checkpoint DIR`` evaluates an export exactly as it evaluates the checkpoint.
+``advews-eval --checkpoint DIR`` evaluates an export exactly as it evaluates the checkpoint. The
+weights are the ones the checkpoint is evaluated with by default: its EMA's when it was trained with
+one (unless ``train.select_on = 'live'``), else the live model's; ``weights`` in the config says which.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from advews import __version__
 from advews.engine.checkpoint import load_checkpoint, write_text_atomic
+from advews.engine.ema import select_weights
 from advews.errors import AdvewsError
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -48,8 +51,9 @@ def export_model(checkpoint: str, out_dir: str, force: bool = False) -> Dict[str
         raise AdvewsError(f"{checkpoint} is not an advews checkpoint (no model_spec or model)")
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
-    config = {"format": FORMAT, "advews_version": __version__, "source": os.path.basename(checkpoint),
+    weights, which = select_weights(state, None, checkpoint)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    config = {"format": FORMAT, "advews_version": __version__, "source": os.path.basename(checkpoint), "weights": which,
               **{k: state.get(k) for k in _CARRIED}}
     tmp = os.path.join(out_dir, f".{WEIGHTS}.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})

@@ -3,7 +3,8 @@
 ``last.pt`` holds the position (completed epochs, and ``step`` batches into the next one), every
 RNG state per rank, the model, optimizer, scheduler, scaler and defense state (EWS controller),
 the divergence guard's count, the partial train-metric sums of an unfinished epoch, the metrics
-history and the config, so a resume from any checkpoint is bit-exact and rewrites metrics.jsonl.
+history and the config, the EMA of the weights (``ema``, None without one) and which weights
+evaluation and export take by default (``weights``: 'ema' or 'live'), so a resume from any checkpoint is bit-exact and rewrites metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from advews.errors import AdvewsError
 
 FORMAT = 2
 RESUME_KEYS = ("epoch", "model", "defense", "defense_state", "optimizer", "scheduler", "rng", "best")
-BEST_KEYS = ("format", "epoch", "model", "model_spec", "data_spec", "defense", "threat_model", "config")
+BEST_KEYS = ("format", "epoch", "model", "ema", "weights", "model_spec", "data_spec", "defense", "threat_model",
+             "config")
 
 
 class CheckpointState:
@@ -35,6 +37,8 @@ class CheckpointState:
             "epoch": epochs_done,
             "step": step,
             "model": self.model.state_dict(),
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "weights": self.weights,
             "model_spec": self.spec,
             "data_spec": {"dataset": self.data.name, **gin.get_bindings("data")},
             "defense": self.defense_name,
@@ -124,6 +128,8 @@ class CheckpointState:
             self.precision.load_state_dict(state.get("precision", {}))
             part = "defense"
             self.defense.load_state_dict(state["defense_state"])
+            part = "ema"
+            self._load_ema(state.get("ema"))
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise AdvewsError(f"cannot resume {path}: its {part} state does not fit the configured {part} "
@@ -142,6 +148,17 @@ class CheckpointState:
             self._apply_overrides(fresh, fresh_base, overrides)
         distributed.on_main(lambda: write_metrics(self.output_dir, self.history))
         self._describe_saved(self.start_epoch, self.start_step)
+
+    def _load_ema(self, ema: Optional[Dict[str, torch.Tensor]]) -> None:
+        """The saved EMA; a run that had none (EMA switched on with --override) starts it here."""
+        if self.ema is None:
+            return
+        if ema is None:
+            self.ema.reset(self.model)
+            if not self.quiet:
+                print("the checkpoint has no EMA of the weights: it starts from the resumed weights", flush=True)
+        else:
+            self.ema.load_state_dict(ema)
 
     def _apply_overrides(self, fresh: List[dict], fresh_base: List[float],
                          overrides: Sequence[Tuple[str, Any, Any]]) -> None:

@@ -25,6 +25,8 @@ from advews.attacks import PGD
 from advews.data import load_data
 from advews.defenses import build_defense
 from advews.engine import distributed
+from advews.engine.backward import StepBackward
+from advews.engine.ema import EMA, check_ema_settings
 from advews.engine.guard import NonFiniteGuard, collapsed
 from advews.engine.optim import make_optimizer, make_scheduler
 from advews.engine.params import require_bool, require_int, require_number, require_str
@@ -60,7 +62,7 @@ def seed_everything(seed: int) -> None:
 
 def _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
                     eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
-                    checkpoint_every_steps) -> None:
+                    checkpoint_every_steps, ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on) -> None:
     require_int("train.epochs", epochs, minimum=1)
     require_int("train.batch_size", batch_size, minimum=1)
     require_int("train.seed", seed, minimum=0)
@@ -74,6 +76,7 @@ def _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_st
     require_number("train.grad_clip", grad_clip, positive=True, allow_none=True)
     require_int("train.max_skipped_steps", max_skipped_steps, minimum=0)
     require_int("train.checkpoint_every_steps", checkpoint_every_steps, minimum=1, allow_none=True)
+    check_ema_settings(ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on)
 
 
 @gin.configurable("train", denylist=["output_dir", "resume", "quiet", "overrides"])
@@ -98,6 +101,12 @@ class Trainer(CheckpointState):
     every N optimizer steps (None: at the end of each epoch only; a preemption signal always saves).
     ``tensorboard``: mirror metrics.jsonl into ``RUN_DIR/tensorboard``, plus each ``log_every``-th
     step's training metrics (``engine.tensorboard``; needs the ``advews[tensorboard]`` extra).
+    ``ema_decay``: keep an EMA of the weights (``engine.ema``; None: off; DM-AT uses 0.995), updated
+    after every step with the decay 0 for the first ``ema_warmup_steps`` steps, then ramped as
+    ``min(ema_decay, (1 + d) / (10 + d))`` unless ``ema_dynamic_decay`` is False (DM-AT's warm-up is
+    2.5% of the run). Validation then also reports the EMA (``val_ema_*``); ``select_on`` ('ema' or
+    'live') says which weights pick ``best.pt`` and which ``advews-eval``/``advews-export`` take by
+    default ('ema' means the live weights when there is no EMA). EWS distils from the live model.
     ``resume`` with no ``last.pt`` in ``output_dir`` starts from scratch; ``overrides`` are the
     changed settings (``engine.resume.check_changes``) to apply on top of the checkpoint.
     """
@@ -128,10 +137,14 @@ class Trainer(CheckpointState):
         checkpoint_every_steps: Optional[int] = None,
         tensorboard: bool = False,
         log_every: int = 50,
+        ema_decay: Optional[float] = None,
+        ema_warmup_steps: int = 0,
+        ema_dynamic_decay: bool = True,
+        select_on: str = "ema",
     ):
         _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
                         eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
-                        checkpoint_every_steps)
+                        checkpoint_every_steps, ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on)
         require_str("train.defense", defense)
         self.guard = NonFiniteGuard(nonfinite, max_skipped_steps)
         self.grad_clip, self.checkpoint_every_steps = grad_clip, checkpoint_every_steps
@@ -152,7 +165,7 @@ class Trainer(CheckpointState):
         self.precision = Precision(amp, self.device, channels_last)
         seed_everything(seed)
 
-        self.data = load_data()
+        self.data = load_data(rank=self.dist.rank, world=self.dist.world)  # each rank reads only its extra rows
         self.spec = dict(
             model_spec(),
             num_classes=self.data.num_classes,
@@ -169,6 +182,8 @@ class Trainer(CheckpointState):
         self.defense = build_defense(defense)
         self.defense.setup(self.model)
         self.attack_model, self.train_model = self._wrap(compile)
+        self.ema = None if ema_decay is None else EMA(self.model, ema_decay, ema_warmup_steps, ema_dynamic_decay)
+        self.weights = "ema" if self.ema is not None and select_on == "ema" else "live"
         self.optimizer = make_optimizer(self.model.parameters())
         self.steps_per_epoch = self.data.train.num_batches(batch_size, drop_last=True)
         if self.steps_per_epoch < 1:
@@ -183,11 +198,13 @@ class Trainer(CheckpointState):
             self._load(os.path.join(output_dir, "last.pt"), overrides)
 
     def _wrap(self, compile: bool):
-        """(model for attacks, model for the training forward): DDP and/or torch.compile around it."""
+        """(model for attacks, model for the training forward): DDP and/or torch.compile around it;
+        sets ``backward``, the ``Backward`` defenses get (DDP's ``no_sync`` is its ``local``)."""
         train_model = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.backward = StepBackward(self.precision, train_model if self.dist.enabled else None)
         if not compile:
             return self.model, train_model
         # Subnet masks must be buffers, not per-context hooks, or the compiled graph keeps stale masks.
@@ -226,9 +243,10 @@ class Trainer(CheckpointState):
         with self.precision.autocast():
             batch = self.defense.prepare(self.attack_model, x, y)
             self.defense.begin_step(self.model, batch)
-            out = self.defense.training_loss(self.train_model, batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.precision.backward(out.loss)
+            self.optimizer.zero_grad(set_to_none=True)
+            out = self.defense.training_loss(self.train_model, batch, self.backward)
+        if not out.backpropagated:
+            self.backward(out.loss)
         grad_norm = self.precision.grad_norm(self.optimizer)
         applied = self.guard.step_ok(out.loss, grad_norm, f"epoch {epoch + 1}, step {i + 1}")
         if applied:
@@ -236,6 +254,8 @@ class Trainer(CheckpointState):
         else:
             self.optimizer.zero_grad(set_to_none=True)
         self.defense.end_step(self.model)
+        if self.ema is not None:
+            self.ema.update(self.model, epoch * self.steps_per_epoch + i + 1)
         self.scheduler.step()
         loss, step_metrics = out.loss.detach().float(), None
         if applied:  # a skipped step's non-finite numbers never reach the metrics
@@ -286,32 +306,45 @@ class Trainer(CheckpointState):
         return {"lr": lr, **{f"train_{k}": float(v) for k, v in zip(keys, means)}}
 
     def _validate(self) -> Tuple[Dict[str, float], bool]:
-        """(clean and PGD accuracy on the validation split, whether its predictions collapsed to one
-        class); under DDP each rank takes every world-th example."""
+        """(clean and PGD accuracy of the live model and of the EMA on the validation split, whether
+        the selected weights' predictions collapsed to one class); under DDP each rank takes every
+        world-th example, and the EMA's BN statistics are rank 0's (the ones its checkpoint saves)."""
         if self.data.val is None:
             return {}, False
         val = self.data.val
         if self.dist.enabled:
             val = val.subset(torch.arange(self.dist.rank, len(val), self.dist.world))
+        out, collapses = self._validate_model(self.attack_model, val, "val_")
+        if self.ema is not None:
+            distributed.broadcast_buffers(self.ema.model)
+            ema_out, ema_collapses = self._validate_model(self.ema.model, val, "val_ema_")
+            out.update(ema_out)
+            if self.weights == "ema":
+                collapses = ema_collapses
+        return out, collapses
+
+    def _validate_model(self, model: torch.nn.Module, val, prefix: str) -> Tuple[Dict[str, float], bool]:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed)
             with self.precision.autocast():
-                counts = validation_counts(self.attack_model, val, self.val_attack, self.data.num_classes,
+                counts = validation_counts(model, val, self.val_attack, self.data.num_classes,
                                            self.eval_batch_size, self.device, self.quiet)
         counts = distributed.all_reduce_sum(counts).cpu()
         clean, robust, n = counts[:3].tolist()
         k = self.data.num_classes
-        out = {"val_clean_acc": round(clean) / max(n, 1)}
+        out = {f"{prefix}clean_acc": round(clean) / max(n, 1)}
         if self.val_attack is not None:
-            out["val_robust_acc"] = round(robust) / max(n, 1)
+            out[f"{prefix}robust_acc"] = round(robust) / max(n, 1)
         return out, collapsed(counts[3:3 + k], counts[3 + k:])
 
     def validate(self) -> Dict[str, float]:
-        """Clean and PGD accuracy on the validation split."""
+        """Clean and PGD accuracy on the validation split (and of the EMA, ``val_ema_*``)."""
         return self._validate()[0]
 
     def _selection_metric(self, row: Dict[str, float]) -> Optional[float]:
-        key = "val_robust_acc" if self.defense.adversarial and "val_robust_acc" in row else "val_clean_acc"
+        """Robust (adversarial defenses) else clean validation accuracy of the ``select_on`` weights."""
+        prefix = "val_ema_" if self.weights == "ema" else "val_"
+        key = f"{prefix}robust_acc" if self.defense.adversarial and f"{prefix}robust_acc" in row else f"{prefix}clean_acc"
         return row.get(key)
 
     def _write_config(self) -> None:
@@ -361,5 +394,5 @@ class Trainer(CheckpointState):
         ``distributed.shutdown``)."""
         self.tensorboard.close()
         if self.dist.enabled:
-            self.train_model = self.attack_model = None
+            self.train_model = self.attack_model = self.backward = None
             distributed.shutdown()
