@@ -21,6 +21,7 @@ from advews.engine.trainer import Trainer
 from advews.errors import AdvewsError
 
 import test_reliability as rel
+from test_reliability import one_thread  # noqa: F401  (autouse: one thread, like the compared subprocesses)
 
 EMA_ON = ["train.ema_decay = 0.9", "train.ema_warmup_steps = 2"]
 
@@ -55,16 +56,6 @@ def test_bad_ema_settings_are_one_line(tmp_path, capsys, binding, needle):
     assert rel.train(tmp_path / "run", *rel.TINY, binding) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """In-process runs use one intra-op thread, like the OMP_NUM_THREADS=1 subprocesses they are
-    compared with bit for bit (2 threads reduce in another order)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
