@@ -110,11 +110,10 @@ def test_masks_zero_exactly_the_dropped_channels_and_paths():
     model = _build("small_preact_resnet").train()
     space = space_of(model)
     alpha = Subnet(((0,), (1,), (0,)), ((((1, 3, 5),),), ((),), (((0, 63),),)))
+    conv = space.blocks[0].paths[0].layers[0].module
     seen = {}
     with subnet(model, alpha):
-        # registered after the subnet's hooks, so these see their results
-        handles = [space.blocks[0].paths[0].layers[0].module.register_forward_pre_hook(
-                       lambda m, a: seen.__setitem__("in0", a[0])),
+        handles = [conv.register_forward_hook(lambda m, a, o: seen.update(in0=a[0], out0=o)),
                    space.blocks[2].paths[1].output_module.register_forward_hook(
                        lambda m, a, o: seen.__setitem__("shortcut2", o)),
                    space.blocks[1].paths[0].output_module.register_forward_hook(
@@ -122,10 +121,65 @@ def test_masks_zero_exactly_the_dropped_channels_and_paths():
         model(_input("small_preact_resnet"))
         for h in handles:
             h.remove()
-    nonzero = seen["in0"].abs().sum((0, 2, 3)).nonzero().flatten().tolist()
-    assert nonzero == [1, 3, 5]
+    mask = torch.zeros(1, conv.in_channels, 1, 1)
+    mask[0, [1, 3, 5]] = 1
+    with torch.no_grad():  # the conv computes exactly what it computes on the masked input
+        assert torch.allclose(seen["out0"], conv(seen["in0"] * mask), atol=1e-6)
+        assert not torch.allclose(seen["out0"], conv(seen["in0"]), atol=1e-3)
     assert not seen["shortcut2"].any() and not seen["res1"].any()
-    assert _no_hooks(model)
+    assert _no_hooks(model) and type(conv) is nn.Conv2d
+
+
+class _InputMaskedConv(nn.Conv2d):
+    """A conv subclass: subnets mask its input with a pre-hook instead of its weight."""
+
+
+@pytest.mark.parametrize("arch", ["small_preact_resnet", "resnet50"])
+def test_weight_masks_equal_input_masks_values_and_gradients(arch):
+    """conv(x, W * m) for plain convs, x * m before any other module: same outputs and gradients."""
+    model = _build(arch).train()
+    other = _build(arch).train()
+    for layer in (l for b in space_of(other).blocks for p in b.paths for l in p.layers):
+        layer.module.__class__ = _InputMaskedConv
+    alpha = _alpha(model, 0.5)
+    x = _input(arch)
+    results = []
+    for m in (model, other):
+        m.zero_grad()
+        with subnet(m, alpha):
+            out = m(x)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in m.parameters()]))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.allclose(out_a, out_b, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5, rtol=1e-4) for a, b in zip(grads_a, grads_b))
+    assert sum(g.abs().sum() for g in grads_a) > 0
+    assert _no_hooks(model) and _no_hooks(other)
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages a forward saves for its backward."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x).sum()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("arch", ["small_preact_resnet", "preact_resnet18"])
+def test_subnet_graph_saves_no_more_activations_than_the_full_net(arch):
+    """EWS's memory: a subnet forward saves as much for its backward as the full forward (each masked
+    conv saves its masked weight in place of its weight, and no masked copy of its input)."""
+    model = _build(arch).train()
+    x = _input(arch, n=8)
+    full = _saved_bytes(model, x)
+    with subnet(model, _alpha(model, 0.5)):
+        sub = _saved_bytes(model, x)
+    assert sub <= full + 16 * 1024, (sub, full)  # + the 0/1 masks
 
 
 @pytest.mark.parametrize("rho", [0.5, 0.7, 0.9])

@@ -123,9 +123,9 @@ def run_sharded(args: EvalOptions, model: Optional[nn.Module], prepare: Callable
 
         records = all_gather_object(record)
         if created:
-            import torch.distributed as dist
+            from advews.engine.distributed import shutdown
 
-            dist.destroy_process_group()
+            shutdown()  # gc, barrier, destroy: gloo aborts some exits without them
         result, flags = merge_records(records)
     else:
         result, flags = merge_records([record], partial=place.shards > 1)

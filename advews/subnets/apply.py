@@ -1,14 +1,18 @@
 """A subnet as a value, and ``with subnet(model, alpha): ...`` to run the model as that subnet.
 
-Masked channels are zeroed (a forward pre-hook multiplies the consuming conv's input by a 0/1
-channel mask) and dropped paths are multiplied by 0, rather than slicing the weights into a smaller
-net. Zeroing keeps every tensor shape, so one compiled graph serves the full net and every subnet,
-BN parameters need no slicing and gradients reach the full net's weights directly; the price is
-that a subnet forward costs a full forward. Measured (1 CPU thread, forward + backward, median of
-12): PreAct ResNet-18 at batch 32x3x32x32 1.25 s full, 1.35 s as a rho-0.7 subnet, 1.20 s with
-all-ones masks; the small MNIST net at batch 64 93, 92 and 100 ms. The differences are within the
-run-to-run noise (~10% on a shared machine): the hooks cost nothing measurable, and slicing could at
-best save the ~50% of FLOPs a rho-0.7 subnet skips, at the cost of a new shape per subnet.
+Masked channels are zeroed and dropped paths are multiplied by 0, rather than slicing the weights
+into a smaller net. A plain conv (``nn.Conv1d/2d/3d`` with groups 1) or ``nn.Linear`` consuming the
+channels runs with its weight's input channels masked, ``conv(x, W * m)``, which equals
+``conv(x * m, W)`` (the products of masked channels are zero either way) but saves no masked copy of
+the activation for the backward: the subnet's graph is the full net's. Any other consuming module
+gets its input multiplied by the mask (a forward pre-hook). Zeroing keeps every tensor shape, so
+one compiled graph serves the full net and every subnet, BN parameters need no slicing and
+gradients reach the full net's weights directly; the price is that a subnet forward costs a full
+forward. Measured (1 CPU thread, forward + backward, median of 12): PreAct ResNet-18 at batch
+32x3x32x32 1.25 s full, 1.35 s as a rho-0.7 subnet, 1.20 s with all-ones masks; the small MNIST net
+at batch 64 93, 92 and 100 ms, within the run-to-run noise (~10% on a shared machine). Peak memory
+of an AT_EWS step over AT (``benchmarks/peak_memory.py``, CPU RSS, median of 5): 1.17x with input
+masks, 1.06x with weight masks.
 """
 
 from __future__ import annotations
@@ -16,14 +20,14 @@ from __future__ import annotations
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
-from advews.subnets.space import SubnetSpace, discover
+from advews.subnets.space import LayerSpace, SubnetSpace, discover
 
 Indices = Tuple[int, ...]
 
@@ -153,20 +157,42 @@ def _drop_path(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tens
     return output * 0
 
 
-def _channel_mask(module: nn.Module, kept: Indices, channels: int):
-    w = module.weight
-    mask = torch.zeros(channels, device=w.device, dtype=w.dtype)
-    mask[list(kept)] = 1
-    mask = mask.view(1, channels, *[1] * (w.dim() - 2))
-
-    def hook(mod: nn.Module, args: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-        x = args[0]
-        return x * mask.to(dtype=x.dtype)  # a no-op cast except under autocast
-
-    return hook
-
-
 _MASK, _GATE = "ews_channel_mask", "ews_path_gate"
+
+
+def _masked_weight(module: nn.Module) -> torch.Tensor:
+    w = module.weight
+    return w * getattr(module, _MASK).to(dtype=w.dtype)
+
+
+class _MaskedConv1d(nn.Conv1d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _masked_weight(self), self.bias)
+
+
+class _MaskedConv2d(nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _masked_weight(self), self.bias)
+
+
+class _MaskedConv3d(nn.Conv3d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, _masked_weight(self), self.bias)
+
+
+class _MaskedLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, _masked_weight(self), self.bias)
+
+
+# Exact types only: a subclass may have its own forward, which the swap would bypass.
+_WEIGHT_MASKED = {nn.Conv1d: _MaskedConv1d, nn.Conv2d: _MaskedConv2d, nn.Conv3d: _MaskedConv3d,
+                  nn.Linear: _MaskedLinear}
+
+
+def _masks_weight(module: nn.Module) -> bool:
+    """Whether masking ``module``'s weight along its input channels equals masking its input."""
+    return type(module) in _WEIGHT_MASKED and getattr(module, "groups", 1) == 1
 
 
 def _persistent_mask(module: nn.Module, args: Tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -174,18 +200,44 @@ def _persistent_mask(module: nn.Module, args: Tuple[torch.Tensor, ...]) -> torch
     return x * getattr(module, _MASK).to(dtype=x.dtype)
 
 
+def _attach_mask(module: nn.Module, mask: torch.Tensor, buffer: bool) -> Callable[[], None]:
+    """Mask ``module``'s input channels with ``mask`` (shape 1 x C x 1...): swap in the masked class
+    where the weight can carry the mask, else a pre-hook. Returns the undo."""
+    if buffer:
+        module.register_buffer(_MASK, mask, persistent=False)
+    else:
+        setattr(module, _MASK, mask)
+    if _masks_weight(module):
+        cls = type(module)
+        module.__class__ = _WEIGHT_MASKED[cls]
+
+        def undo() -> None:
+            module.__class__ = cls
+            delattr(module, _MASK)
+
+        return undo
+    handle = module.register_forward_pre_hook(_persistent_mask)
+
+    def undo_hook() -> None:
+        handle.remove()
+        delattr(module, _MASK)
+
+    return undo_hook
+
+
 def _persistent_gate(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     return output * getattr(module, _GATE).to(dtype=output.dtype)
 
 
 def install_masks(model: nn.Module, space: Optional[SubnetSpace] = None) -> None:
-    """Install permanent mask hooks whose masks are (non-persistent) buffers, all ones by default.
+    """Install permanent masks (masked classes or hooks) whose masks are (non-persistent) buffers,
+    all ones by default.
 
-    Needed under ``torch.compile``: dynamo does not guard on hooks, so the temporary hooks of a
+    Needed under ``torch.compile``: dynamo does not guard on hooks, so the temporary masks of a
     plain ``subnet`` context would be baked into the compiled graph with the first subnet's masks.
     With installed masks a subnet only rewrites buffer values, which compiled graphs read as inputs:
-    every subnet runs correctly without recompiling. The price is one multiply per masked layer in
-    full-net forwards too.
+    every subnet runs correctly without recompiling. The price is one multiply per masked layer (of
+    its weight) in full-net forwards too.
     """
     space = space if space is not None else space_of(model)
     if _is_installed(space):
@@ -198,10 +250,12 @@ def install_masks(model: nn.Module, space: Optional[SubnetSpace] = None) -> None
                 out.register_buffer(_GATE, torch.ones((), device=ref.device), persistent=False)
                 out.register_forward_hook(_persistent_gate)
             for layer in path.layers:
-                w = layer.module.weight
-                mask = torch.ones(1, layer.channels, *[1] * (w.dim() - 2), device=w.device, dtype=w.dtype)
-                layer.module.register_buffer(_MASK, mask, persistent=False)
-                layer.module.register_forward_pre_hook(_persistent_mask)
+                _attach_mask(layer.module, _ones_mask(layer), buffer=True)
+
+
+def _ones_mask(layer: LayerSpace) -> torch.Tensor:
+    w = layer.module.weight
+    return torch.ones(1, layer.channels, *[1] * (w.dim() - 2), device=w.device, dtype=w.dtype)
 
 
 def _is_installed(space: SubnetSpace) -> bool:
@@ -249,7 +303,7 @@ def subnet(
     if model in _ACTIVE:
         raise RuntimeError("subnet contexts do not nest: this model is already running as a subnet")
     _ACTIVE.add(model)
-    handles, bns, drops, installed = [], [], [], False
+    handles, undos, bns, drops, installed = [], [], [], [], False
     try:
         for m in model.modules():
             if isinstance(m, _BatchNorm):
@@ -268,14 +322,17 @@ def subnet(
                         handles.append(path.output_module.register_forward_hook(_drop_path))
                 for p, layers in zip(kept, chans):
                     for layer, idx in zip(block.paths[p].layers, layers):
-                        hook = _channel_mask(layer.module, idx, layer.channels)
-                        handles.append(layer.module.register_forward_pre_hook(hook))
+                        mask = torch.zeros_like(_ones_mask(layer))
+                        mask.view(-1)[list(idx)] = 1
+                        undos.append(_attach_mask(layer.module, mask, buffer=False))
         yield
     finally:
         if installed:
             _set_installed(space, None)
         for h in handles:
             h.remove()
+        for undo in reversed(undos):
+            undo()
         for m, track in bns:
             m.track_running_stats = track
         for m, training in drops:
