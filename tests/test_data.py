@@ -277,3 +277,17 @@ def test_random_crop_flip_per_example_crops():
     assert all(any(torch.equal(o, c) for c in candidates) for o in out)
     again = RandomCropFlip(padding=2)(x, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
+
+
+def test_batches_crop_the_uint8_pixels_exactly_as_the_float_pixels():
+    """to_batch crops before the float conversion (uint8_exact): the batch a run trains on is unchanged."""
+    images = torch.randint(0, 256, (64, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = ArrayDataset(images, torch.arange(64) % 10)
+    augment = RandomCropFlip(2)
+    got = list(data.batches(16, shuffle=True, generator=torch.Generator().manual_seed(3), augment=augment))
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(64, generator=gen)
+    for b, (x, y) in enumerate(got):
+        index = order[b * 16:(b + 1) * 16]
+        assert x.dtype == torch.float32 and torch.equal(y, data.labels[index])
+        assert torch.equal(x, augment(images[index].float().div_(255), gen))

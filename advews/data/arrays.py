@@ -87,10 +87,13 @@ def to_batch(
     augment: Optional[Augment],
     device: Optional[Union[str, torch.device]],
 ) -> Tuple[Tensor, Tensor]:
-    """uint8 images to float [0, 1] on ``device`` (moved as uint8, a quarter of the bytes), augmented."""
+    """uint8 images to float [0, 1] on ``device`` (moved as uint8, a quarter of the bytes), augmented
+    (on the uint8 pixels when the augmentation says that is exact: ``uint8_exact``)."""
     if device is not None:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
+    if augment is not None and getattr(augment, "uint8_exact", False):
+        images, augment = augment(images, generator), None
     x = images.float().div_(255)
     if augment is not None:
         x = augment(x, generator)

@@ -16,7 +16,13 @@ class RandomCropFlip:
 
     Every example gets its own offsets and flip, drawn from ``generator`` (on its device, so
     CPU and GPU runs draw the same numbers) in a fixed order: row offsets, column offsets, flips.
+    Cropping and flipping move pixels without changing them, so the result on uint8 pixels converted
+    to float equals the result on the float pixels: ``uint8_exact`` tells ``to_batch`` to run it
+    before the conversion, where the gather moves a quarter of the bytes (measured on 1 CPU thread,
+    batch 512 x 3 x 32 x 32: 2.1 ms on uint8, 20 ms on float32).
     """
+
+    uint8_exact = True
 
     def __init__(self, padding: int = 4, flip: bool = True):
         if padding < 0:
