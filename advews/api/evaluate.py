@@ -266,6 +266,7 @@ def evaluate(
     amp: Optional[str] = None,
     perturbations: Optional[str] = None,
     perturbation_baseline: Optional[str] = None,
+    fixed_batches: bool = False,
 ) -> Dict[str, Any]:
     """advews-eval as a function: each argument is the flag of that name (``attacks`` is --attack,
     a list or a comma-separated string; default pgd, none when ``corruptions`` is given) and the
@@ -281,7 +282,7 @@ def evaluate(
                        corruptions=corruptions, cache_dir=cache_dir, seed=seed, version=version,
                        aa_attacks=comma_list(aa_attacks), state=state, hdf5=hdf5, device=device, output=output,
                        force=force, weights_from=weights_from, amp=amp, perturbations=perturbations,
-                       perturbation_baseline=perturbation_baseline)
+                       perturbation_baseline=perturbation_baseline, fixed_batches=fixed_batches)
     from advews.api.extended import needs_extended, run_extended
 
     if needs_extended(args):  # --state, --amp, --perturbations, or a torchrun rank

@@ -64,6 +64,7 @@ class EvalOptions:
     amp: Optional[str] = None
     shards: Optional[int] = None
     shard: Optional[int] = None
+    fixed_batches: bool = False
     merge: Optional[List[str]] = None
     perturbations: Optional[str] = None
     perturbation_baseline: Optional[str] = None

@@ -44,11 +44,14 @@ def attack_flags(
     progress_state: Optional[Dict[str, Any]],
     save: Callable[[Dict[str, Any]], None],
     desc: str,
+    batch_seeds: Optional[Tuple[int, int]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], float]:
     """Per-example robust flags of ``attack`` (fp32-verified), the low-precision model's flags (with
     ``amp``) and the seconds spent, batch by batch as ``correct_flags`` draws them (so the flags
     equal its flags without ``amp``). ``progress_state``: what ``save`` stored after the last batch
-    of an interrupted run; the batches it covers are skipped and the RNG is restored."""
+    of an interrupted run; the batches it covers are skipped and the RNG is restored.
+    ``batch_seeds`` (seed, global index of the first batch): reseed before every batch, so a batch's
+    flags do not depend on the batches before it (--fixed-batches)."""
     autocast = low_precision(amp, device) if amp else None
     if autocast is not None:
         attack = dataclasses.replace(attack, autocast=autocast)
@@ -66,6 +69,8 @@ def attack_flags(
             if i < done["batches"]:
                 continue
             clean = _predict(model, x) == y
+            if batch_seeds is not None:
+                torch.manual_seed(batch_seed(*batch_seeds, i))
             x_adv = attack(model, x, y)
             robust.append((clean & (_predict(model, x_adv) == y)).cpu())
             if autocast is not None:
@@ -78,6 +83,11 @@ def attack_flags(
     empty = torch.zeros(0, dtype=torch.bool)
     flags = torch.cat(robust) if robust else empty
     return flags, (torch.cat(low) if low else empty) if autocast is not None else None, round(time.time() - start, 2)
+
+
+def batch_seed(seed: int, first: int, i: int) -> int:
+    """The seed of global batch ``first + i`` under --fixed-batches."""
+    return (seed * 1_000_003 + first + i) % 2**63
 
 
 def precision_summary(clean: torch.Tensor, robust: torch.Tensor, low_robust: torch.Tensor, amp: str) -> Dict[str, Any]:

@@ -36,6 +36,7 @@ from advews.evaluation.robust import correct_flags
 
 GATHER_TIMEOUT = datetime.timedelta(days=7)  # ranks finish their shards hours apart on long runs
 LAYOUT = "contiguous"
+FIXED_LAYOUT = "whole batches, seeded per batch"  # --fixed-batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +72,16 @@ def world(args: EvalOptions) -> World:
     return World(args.shards, args.shard, False)
 
 
-def shard_bounds(n: int, shards: int, shard: int) -> Tuple[int, int]:
-    """Global [start, stop) of ``shard``: contiguous, sizes differing by at most one."""
+def shard_bounds(n: int, shards: int, shard: int, batch_size: Optional[int] = None) -> Tuple[int, int]:
+    """Global [start, stop) of ``shard``: contiguous, sizes differing by at most one; with
+    ``batch_size`` (--fixed-batches), whole batches, counts differing by at most one batch."""
+    if batch_size is not None:
+        batches = -(-n // batch_size)
+        if shards > batches:
+            raise AdvewsError(f"{shards} shards for {batches} batches of {batch_size} (--fixed-batches): every "
+                              "shard needs at least one batch; lower --batch-size or the number of shards")
+        first, last = shard_bounds(batches, shards, shard)
+        return first * batch_size, min(last * batch_size, n)
     if shards > n:
         raise AdvewsError(f"{shards} shards for {n} examples: every shard needs at least one example")
     size, extra = divmod(n, shards)
@@ -89,7 +98,8 @@ def run_sharded(args: EvalOptions, model: Optional[nn.Module], prepare: Callable
     place = world(args)
     if args.corruptions or args.analysis:
         what = "--corruptions" if args.corruptions else "--analysis"
-        raise AdvewsError(f"{what} runs without --state, --amp, --perturbations and sharding; run it separately")
+        raise AdvewsError(f"{what} runs without --state, --amp, --perturbations, --fixed-batches and sharding; "
+                          "run it separately")
     if args.perturbations and place.shards > 1:
         raise AdvewsError("--perturbations runs in one process; run it without --shards or torchrun")
     if args.perturbation_baseline and not args.perturbations:
@@ -115,7 +125,7 @@ def run_sharded(args: EvalOptions, model: Optional[nn.Module], prepare: Callable
 
         perturbations = flip_rates(run.model, opened, batch_size=args.batch_size, device=run.device)
     total = len(run.data)
-    start, stop = shard_bounds(total, place.shards, place.shard)
+    start, stop = shard_bounds(total, place.shards, place.shard, args.batch_size if args.fixed_batches else None)
     run = dataclasses.replace(run, data=run.data.subset(torch.arange(start, stop)))
     record = evaluate_shard(args, run, place, (start, stop), total, state)
     if place.torchrun:
@@ -163,7 +173,7 @@ def evaluate_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int,
     x, y = torch.cat(xs), torch.cat(ys)
     identity = {
         "attack": run.attack_spec, "params": run.params, "seed": args.seed, "batch_size": args.batch_size,
-        "amp": args.amp, "n_examples": total, "layout": LAYOUT, "model": _fingerprint(run.model.state_dict().values()),
+        "amp": args.amp, "n_examples": total, "layout": FIXED_LAYOUT if args.fixed_batches else LAYOUT, "model": _fingerprint(run.model.state_dict().values()),
     }
     fresh = {"format": STATE_FORMAT, "identity": identity, "shard": place.shard, "shards": place.shards,
              "start": bounds[0], "stop": bounds[1], "data": _fingerprint([x, y]), "info": run.info,
@@ -195,7 +205,8 @@ def evaluate_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int,
         else:
             robust, low, seconds = attack_flags(
                 run.model, run.data, attack, batch_size=args.batch_size, device=run.device, amp=args.amp,
-                progress_state=record["progress"].get(name), save=keep, desc=name)
+                progress_state=record["progress"].get(name), save=keep, desc=name,
+                batch_seeds=(args.seed, bounds[0] // args.batch_size) if args.fixed_batches else None)
             done = {"robust": pack(robust), "entry": {**run.params[name], "seconds": seconds},
                     **({"low_robust": pack(low)} if low is not None else {})}
         record["attacks"][name] = done
@@ -223,7 +234,7 @@ def _autoattack(args: EvalOptions, run: Any, x: torch.Tensor, y: torch.Tensor,
     params = run.params["autoattack"]
     res = run_autoattack(run.model, x, y, eps=params["eps"], norm=params["norm"], version=args.version,
                          attacks=params.get("aa_attacks"), seed=args.seed, batch_size=args.batch_size,
-                         state_io=Nested(), amp=args.amp, log=say)
+                         state_io=Nested(), amp=args.amp, log=say, fixed_batches=args.fixed_batches)
     return {
         "robust": pack(res["robust"]),
         "stages": {name: pack(flags) for name, flags in res["stage_robust"].items()},

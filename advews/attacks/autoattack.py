@@ -58,6 +58,7 @@ def run_autoattack(
     state_io: Optional["StateIO"] = None,
     amp: Optional[str] = None,
     log: Optional[Callable[[str], None]] = None,
+    fixed_batches: bool = False,
 ) -> Dict[str, Any]:
     """AutoAttack ``version`` (``attacks`` only for ``custom``; ``fast``: APGD-CE + APGD-T set up as
     in ``standard``) on ``x`` in [0, 1] with labels ``y``.
@@ -70,7 +71,10 @@ def run_autoattack(
     stages it records. ``amp`` ('bf16' or 'fp16'): the attacks run under autocast, and every
     adversarial example is then re-checked in fp32: only a point the fp32 model misclassifies counts
     as broken (``robust``), while ``low_precision_robust`` holds what the low-precision model said.
-    ``log`` receives progress lines and warnings.
+    ``log`` receives progress lines and warnings. ``fixed_batches``: each batch of ``batch_size``
+    examples keeps its own points through the cascade (one call per batch and stage), instead of
+    pyautoattack's re-packing of the robust points into full batches; a batch's flags then depend on
+    that batch alone, so any split of the examples into whole batches gives the same flags.
     """
     from pyautoattack import AutoAttack, checks
 
@@ -89,7 +93,7 @@ def run_autoattack(
         cascade: List[str] = list(FAST_CASCADE) if version == "fast" else list(aa.attacks_to_run)
         identity = {"eps": eps, "norm": norm, "version": version, "attacks": cascade, "seed": seed,
                     "n": len(y), "data": _fingerprint([x, y]), "model": _fingerprint(model.state_dict().values()),
-                    "amp": amp}
+                    "amp": amp, **({"fixed_batches": True} if fixed_batches else {})}
         done = _check_state(store.load(), identity, store.name) if store else []
         clean = _correct(model, x, y, batch_size, device)
         robust = clean.clone()
@@ -109,14 +113,14 @@ def run_autoattack(
             else:
                 index = robust.nonzero().flatten()
                 say(f"{name}: attacking {len(index)} robust points")
-                if len(index):
-                    aa.attacks_to_run = [name]
-                    x_adv, y_adv = aa.run_standard_evaluation(x[index], y[index], batch_size=batch_size)
-                    low[index] &= y_adv.cpu() == y[index]
+                aa.attacks_to_run = [name]
+                for part in _groups(index, batch_size if fixed_batches else None):
+                    x_adv, y_adv = aa.run_standard_evaluation(x[part], y[part], batch_size=batch_size)
+                    low[part] &= y_adv.cpu() == y[part]
                     if amp is None:
-                        robust[index] = y_adv.cpu() == y[index]
+                        robust[part] = y_adv.cpu() == y[part]
                     else:  # broken only if the fp32 model misclassifies the adversarial example
-                        robust[index] = _correct(model, x_adv.cpu(), y[index], batch_size, device)
+                        robust[part] = _correct(model, x_adv.cpu(), y[part], batch_size, device)
                 seconds = round(time.time() - start, 2)
             stage_robust[name], stage_low[name] = robust.clone(), low.clone()
             stages.append({"attack": name, "robust_acc": _acc(robust), "seconds": seconds,
@@ -140,6 +144,17 @@ def run_autoattack(
         "stage_robust": stage_robust,
         **({"low_precision_robust": low, "amp": amp} if amp else {}),
     }
+
+
+def _groups(index: torch.Tensor, batch_size: Optional[int]) -> List[torch.Tensor]:
+    """The points one stage attacks, per call: all at once (pyautoattack batches them), or per batch
+    of the original examples (``batch_size``, for --fixed-batches)."""
+    if not len(index):
+        return []
+    if batch_size is None:
+        return [index]
+    batch = index // batch_size
+    return [index[batch == b] for b in batch.unique()]
 
 
 def low_precision(amp: str, device: torch.device) -> Callable[[], ContextManager[Any]]:

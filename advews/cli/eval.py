@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(--shard) in this process, e.g. one per array job (needs --state; combine them with --merge). "
                    "Under torchrun --nproc_per_node=N each rank runs one shard and rank 0 writes the result")
     p.add_argument("--shard", type=int, metavar="I", help="the shard this process runs, 0 to N - 1")
+    p.add_argument("--fixed-batches", action="store_true", help="flags that do not depend on the number of "
+                   "shards: shards are whole batches of --batch-size, every attack reseeds per batch (from --seed "
+                   "and the batch's global index) and AutoAttack keeps each batch's points through its cascade "
+                   "(pyautoattack re-packs the robust points into full batches, so its numbers depend on the split)")
     p.add_argument("--merge", nargs="+", metavar="STATE", help="combine the --state files of all shards of one "
                    "sharded run into its report, --output and --hdf5 (no model is loaded)")
     p.add_argument("--perturbations", metavar="SPEC", help=f"flip rates on {PERTURBATION_SPECS}: flip probability "
