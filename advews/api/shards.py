@@ -234,7 +234,8 @@ def _autoattack(args: EvalOptions, run: Any, x: torch.Tensor, y: torch.Tensor,
     params = run.params["autoattack"]
     res = run_autoattack(run.model, x, y, eps=params["eps"], norm=params["norm"], version=args.version,
                          attacks=params.get("aa_attacks"), seed=args.seed, batch_size=args.batch_size,
-                         state_io=Nested(), amp=args.amp, log=say, fixed_batches=args.fixed_batches)
+                         state_io=Nested() if saved[0] else None, amp=args.amp, log=say,
+                         fixed_batches=args.fixed_batches)
     return {
         "robust": pack(res["robust"]),
         "stages": {name: pack(flags) for name, flags in res["stage_robust"].items()},
