@@ -5,7 +5,7 @@ printed next to wall time: on a shared machine the wall time measures the neighb
 (this process, all its threads) the work.
 
 Run from the repository root (a checkpoint's data root is relative to it), e.g.
-``python benchmarks/aa_vs_pyautoattack.py --checkpoint /work/seeds/vanilla/seed0/best.pt --n 64
+``python benchmarks/aa_vs_pyautoattack.py --checkpoint runs/quickstart/best.pt --n 64
 --version custom --aa-attacks apgd-ce,apgd-t``. Without --checkpoint a random --arch attacks random
 images labelled by its own predictions (timing only; its accuracies mean nothing).
 """
