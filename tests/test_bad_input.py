@@ -223,6 +223,9 @@ EVAL = [
     ev("E80", G + ("--restarts", "-2", "--attack", "apgd-ce"), "--restarts", "-2"),
     ev("E81", G + ("--bogus",), "--bogus"),
     ev("E82", G + ("--corruptions", "cifar10-c:cifar10c"), "3 x 32 x 32"),
+    ev("E83", G + ("--fixed-batches", "--batch-size", "10", "--shards", "3", "--shard", "0", "--state", "s.json"),
+       "3 shards for 2 batches of 10"),
+    ev("E84", G + ("--fixed-batches", "--corruptions", "cifar10-c:cifar10c"), "--corruptions", "--fixed-batches"),
 ]
 
 

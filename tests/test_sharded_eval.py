@@ -137,13 +137,16 @@ def test_fixed_batches_give_the_same_flags_for_any_number_of_shards(data, tmp_pa
     """--fixed-batches: 2 array-job shards of whole batches, merged, give exactly the flags of one process
     on all the examples (PGD's random starts reseeded per batch, AutoAttack's cascade kept per batch)."""
     monkeypatch.chdir(tmp_path)
-    fixed = ["--fixed-batches", "--batch-size", "6", "--steps", "5", "--step-size", "0.02"]  # shards [0, 12), [12, 24);
-    # 4 batches; with 5 steps of 0.02 in the 0.1 ball, which points PGD breaks depends on the random starts
+    # 4 batches, shards [0, 12) and [12, 24); with 5 steps of 0.02 in the 0.1 ball, which points PGD
+    # breaks depends on the random starts
+    fixed = ["--fixed-batches", "--batch-size", "6", "--steps", "5", "--step-size", "0.02"]
     assert cli(data, "all.npz", *fixed, "--hdf5", str(tmp_path / "one.h5"), "--output", str(tmp_path / "one.json")) == 0
     for i in (0, 1):
-        assert cli(data, "all.npz", *fixed, "--shards", "2", "--shard", str(i), "--state", str(tmp_path / "s.json")) == 0
+        shard = ["--shards", "2", "--shard", str(i), "--state", str(tmp_path / "s.json")]
+        assert cli(data, "all.npz", *fixed, *shard) == 0
     states = [str(tmp_path / f"s.shard{i}of2.json") for i in (0, 1)]
-    assert eval_main(["--merge", *states, "--hdf5", str(tmp_path / "two.h5"), "--output", str(tmp_path / "two.json")]) == 0
+    merged = ["--hdf5", str(tmp_path / "two.h5"), "--output", str(tmp_path / "two.json")]
+    assert eval_main(["--merge", *states, *merged]) == 0
     one, two = flags(tmp_path / "one.h5"), flags(tmp_path / "two.h5")
     assert one.keys() == two.keys()
     for key in one:

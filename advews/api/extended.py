@@ -18,8 +18,9 @@ MERGE_FLAGS = ("merge", "output", "hdf5", "force")
 
 def needs_extended(args: EvalOptions) -> bool:
     """Runs ``run_extended`` handles instead of ``run_evaluation``."""
-    return bool(args.state or args.amp or args.perturbations or args.perturbation_baseline or args.fixed_batches
-                or args.shards is not None or args.shard is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    return bool(args.state or args.amp or args.perturbations or args.perturbation_baseline
+                or args.fixed_batches or args.shards is not None or args.shard is not None
+                or int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
 def run_extended(args: EvalOptions, model: Optional[nn.Module], prepare: Callable[..., Any]

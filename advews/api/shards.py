@@ -173,7 +173,8 @@ def evaluate_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int,
     x, y = torch.cat(xs), torch.cat(ys)
     identity = {
         "attack": run.attack_spec, "params": run.params, "seed": args.seed, "batch_size": args.batch_size,
-        "amp": args.amp, "n_examples": total, "layout": FIXED_LAYOUT if args.fixed_batches else LAYOUT, "model": _fingerprint(run.model.state_dict().values()),
+        "amp": args.amp, "n_examples": total, "layout": FIXED_LAYOUT if args.fixed_batches else LAYOUT,
+        "model": _fingerprint(run.model.state_dict().values()),
     }
     fresh = {"format": STATE_FORMAT, "identity": identity, "shard": place.shard, "shards": place.shards,
              "start": bounds[0], "stop": bounds[1], "data": _fingerprint([x, y]), "info": run.info,

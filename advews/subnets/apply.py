@@ -8,8 +8,8 @@ the activation for the backward: the subnet's graph is the full net's. Any other
 gets its input multiplied by the mask (a forward pre-hook). Zeroing keeps every tensor shape, so
 one compiled graph serves the full net and every subnet, BN parameters need no slicing and
 gradients reach the full net's weights directly; the price is that a subnet forward costs a full
-forward. Measured (1 CPU thread, forward + backward, median of 12): PreAct ResNet-18 at batch
-32x3x32x32 1.25 s full, 1.35 s as a rho-0.7 subnet, 1.20 s with all-ones masks; the small MNIST net
+forward. Measured with input masks (1 CPU thread, forward + backward, median of 12): PreAct
+ResNet-18 at batch 32x3x32x32 1.25 s full, 1.35 s as a rho-0.7 subnet, 1.20 s with all-ones masks; the small MNIST net
 at batch 64 93, 92 and 100 ms, within the run-to-run noise (~10% on a shared machine). Peak memory
 of an AT_EWS step over AT (``benchmarks/peak_memory.py``, CPU RSS, median of 5): 1.17x with input
 masks, 1.06x with weight masks.
@@ -165,19 +165,23 @@ def _masked_weight(module: nn.Module) -> torch.Tensor:
     return w * getattr(module, _MASK).to(dtype=w.dtype)
 
 
-class _MaskedConv1d(nn.Conv1d):
+class _MaskedConv:
+    """The forward of a conv whose weight carries the mask (mixed into Conv1d/2d/3d below)."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, _masked_weight(self), self.bias)
 
 
-class _MaskedConv2d(nn.Conv2d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, _masked_weight(self), self.bias)
+class _MaskedConv1d(_MaskedConv, nn.Conv1d):
+    pass
 
 
-class _MaskedConv3d(nn.Conv3d):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, _masked_weight(self), self.bias)
+class _MaskedConv2d(_MaskedConv, nn.Conv2d):
+    pass
+
+
+class _MaskedConv3d(_MaskedConv, nn.Conv3d):
+    pass
 
 
 class _MaskedLinear(nn.Linear):
