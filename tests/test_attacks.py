@@ -238,7 +238,7 @@ def test_flags_restored_when_perturb_raises(trained):
         (lambda: TradesKL(step_size=-0.1), "step_size must be >= 0 and finite, got -0.1"),
         (lambda: PGD(eps=0.1, restarts=0), "restarts must be >= 1, got 0"),
         (lambda: PGD(eps=0.1, restarts=2, random_start=False), "needs random_start=True"),
-        (lambda: PGD(eps=0.1, loss="mse"), "loss must be one of ce, cw, got 'mse'"),
+        (lambda: PGD(eps=0.1, loss="mse"), "loss must be one of ce, cw, cw_hinge, got 'mse'"),
         (lambda: FGSM(eps=0.1).scaled(-1.0), "eps must be >= 0"),
         (lambda: build_attack("cw"), "unknown attack 'cw'; choose one of fgsm, pgd, trades"),
         (lambda: build_attack("pgd", eps=0.1, alpha=0.1), "bad options"),

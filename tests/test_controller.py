@@ -12,7 +12,7 @@ from advews.models import build_model
 from advews.subnets import (
     Controller, ControllerSearch, L1Search, RandomSearch, Subnet, build_search, keep_count, space_of, subnet,
 )
-from advews.subnets.plackett_luce import log_prob_and_entropy
+from advews.subnets.plackett_luce import authors_log_prob_and_entropy, log_prob_and_entropy, sample_ordered
 
 # block 0: 3 paths (k=2) with 3, 2 and no channels; block 1: 2 paths (k=1); block 2: one path
 # (certain) whose 1-channel layer is certain too.
@@ -201,6 +201,90 @@ def test_ema_baseline_follows_raw_reward(space):
         baseline = r if baseline is None else 0.99 * baseline + 0.01 * r
         assert m["baseline"] == pytest.approx(baseline, abs=1e-6)
         assert m["reward_mean"] == pytest.approx(r)
+
+
+def _authors_walk_terms(ctrl, sub):
+    """The authors' log_p and entropy of one subnet, decision by decision (their ``search.py``:
+    p = softmax(full logits) + 1e-6; log_p += sum log p_a; entropy += -sum p_a log p_a over the
+    drawn items; decisions that keep every item are drawn and counted too), on advews's heads."""
+    draws = ctrl._draws([sub])
+    h = torch.zeros(1, ctrl.hidden)
+    state, x = (h, h.clone()), ctrl.start[None]
+    log_p = entropy = torch.zeros((), dtype=torch.float64)
+
+    def decide(d, x, state):
+        nonlocal log_p, entropy
+        hx, cx = ctrl.cell(x, state)
+        head = ctrl.heads[str(d.index)]
+        p = torch.softmax(head(hx).double(), dim=-1)[0] + 1e-6
+        a = draws[d.index][0]
+        log_p = log_p + p[a].log().sum()
+        entropy = entropy - (p[a] * p[a].log()).sum()
+        return ctrl.embeds[d.index](a).mean(0, keepdim=True), (hx, cx)
+
+    for block, kept in zip(ctrl.plan, sub.paths):
+        x, state = decide(block.paths, x, state)
+        for p_idx in kept:
+            for d in block.layers[p_idx]:
+                x, state = decide(d, x, state)
+    return log_p, entropy
+
+
+def test_authors_objective_matches_their_per_decision_terms_and_gradients():
+    torch.manual_seed(0)
+    ctrl = Controller(TINY, RHO, hidden=16, objective="authors")
+    assert len(ctrl.heads) == 8  # every decision scored, certain ones included (as their code draws them)
+    for sub in ctrl.sample(6, torch.Generator().manual_seed(1)).subnets:
+        ctrl.zero_grad()
+        lp, ent = ctrl.evaluate([sub])
+        (lp.sum() + 0.3 * ent.sum()).backward()
+        grads = lambda: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in ctrl.parameters()]
+        ours = grads()
+        ctrl.zero_grad()
+        ref_lp, ref_ent = _authors_walk_terms(ctrl, sub)
+        assert float(lp.detach()) == pytest.approx(float(ref_lp.detach()), abs=1e-5)
+        assert float(ent.detach()) == pytest.approx(float(ref_ent.detach()), abs=1e-5)
+        (ref_lp + 0.3 * ref_ent).backward()
+        for g, r in zip(ours, grads()):
+            assert torch.allclose(g, r, atol=1e-5), (g - r).abs().max()
+
+
+def test_authors_entropy_gradient_is_far_smaller_than_the_exact_one():
+    # DESIGN.md 7 / the review: one decision n = 512, k = 461, logit sd 1: |dH| 18 (exact) vs 0.067 (authors)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 512, generator=g, dtype=torch.float64)
+    draw = sample_ordered(logits, 461, g)  # a draw of the policy itself
+    norms = []
+    for fn in (log_prob_and_entropy, authors_log_prob_and_entropy):
+        l = logits.clone().requires_grad_(True)
+        fn(l, draw)[1].sum().backward()
+        norms.append(float(l.grad.norm()))
+    assert 10 < norms[0] < 30 and 0.03 < norms[1] < 0.15, norms
+    assert norms[0] / norms[1] > 200
+
+
+def test_authors_baseline_is_an_ema_of_the_advantage_restarting_each_epoch(space):
+    search = ControllerSearch(space, RHO, baseline="advantage", reset_baseline_each_epoch=True)
+    b = 0.0
+    for epoch, accs in enumerate([[0.3, 0.8, 0.1], [0.5, 0.9]]):
+        search.begin_epoch(epoch)
+        if epoch:
+            b = 0.0  # their AT/TRADES main() hands train() a baseline of 0 every epoch
+        for acc in accs:
+            m = search.update(lambda subs, a=acc: torch.full((len(subs),), a))
+            r = -acc
+            adv = r - b if b else r  # their `reward = complementary_accuracy - baseline if baseline else ...`
+            assert m["advantage_mean"] == pytest.approx(adv, abs=1e-6)
+            b = 0.99 * b + 0.01 * adv
+            assert m["baseline"] == pytest.approx(b, abs=1e-6)
+    carried = ControllerSearch(space, RHO, baseline="advantage")
+    carried.update(lambda subs: torch.full((len(subs),), 0.5))
+    carried.begin_epoch(1)
+    assert carried.baseline == pytest.approx(-0.005)  # the clean scripts carry it over
+    with pytest.raises(AdvewsError, match="baseline"):
+        ControllerSearch(space, RHO, baseline="mean")
+    with pytest.raises(AdvewsError, match="objective"):
+        ControllerSearch(space, RHO, objective="approx")
 
 
 def test_leave_one_out_advantage(space):

@@ -291,3 +291,27 @@ def test_batches_crop_the_uint8_pixels_exactly_as_the_float_pixels():
         index = order[b * 16:(b + 1) * 16]
         assert x.dtype == torch.float32 and torch.equal(y, data.labels[index])
         assert torch.equal(x, augment(images[index].float().div_(255), gen))
+
+
+def test_crop_fill_pads_with_the_authors_grey_on_uint8_and_float_pixels(tmp_path):
+    """data.crop_fill = 128 is torchvision's RandomCrop(32, padding=4, fill=128) of the EWS AT/TRADES
+    pipeline: every crop is one of the grey-padded candidates, and the float path pads with 128/255."""
+    image = torch.randint(0, 256, (1, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = image.expand(32, -1, -1, -1)
+    grey = RandomCropFlip(padding=2, fill=128)
+    out = grey(x, torch.Generator().manual_seed(1))
+    padded = F.pad(image[0], (2,) * 4, value=128)
+    candidates = [padded[:, i:i + 8, j:j + 8] for i in range(5) for j in range(5)]
+    candidates += [torch.flip(c, dims=[-1]) for c in candidates]
+    assert all(any(torch.equal(o, c) for c in candidates) for o in out)
+    assert (out == 128).sum() > (x == 128).sum()  # some crops reach into the border
+    as_float = grey(x.float() / 255, torch.Generator().manual_seed(1))
+    assert torch.equal(as_float, out.float() / 255)
+    black = RandomCropFlip(padding=2)(x, torch.Generator().manual_seed(1))
+    assert not torch.equal(black, out)
+    _fake_cifar10(tmp_path)
+    assert load_data("cifar10", root=str(tmp_path), val_size=0, crop_fill=128).train_augment.fill == 128
+    with pytest.raises(AdvewsError, match="crop_fill"):
+        load_data("cifar10", root=str(tmp_path), val_size=0, crop_fill=300)
+    with pytest.raises(AdvewsError, match="crop_fill needs a dataset with a crop"):
+        load_data("mnist5k", crop_fill=128)

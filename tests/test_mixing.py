@@ -68,19 +68,80 @@ def small_model():
                         "options": {"widths": [8, 8, 8]}}).train()
 
 
-def test_at_attacks_the_dominant_label_and_trades_mixes_its_clean_term():
-    model, x, y = small_model(), torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,))
+def soft_pgd(model, x, y, minor, share, eps, step, steps, noise):
+    """Sign PGD maximising the CE against the mixed label distribution (DM-Improves-AT's AT with CutMix)."""
+    soft = (1 - share) * F.one_hot(y, 10).to(x.dtype) + share * F.one_hot(minor, 10).to(x.dtype)
+    x_adv = (x + noise).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        (g,) = torch.autograd.grad(F.cross_entropy(model(x_adv), soft), x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + step * g.sign(), x - eps), x + eps).clamp(0, 1)
+    return x_adv
+
+
+@pytest.mark.parametrize("target", ["mixed", "dominant"])
+def test_at_attack_target_with_mixing(target):
+    model, x, y = small_model().double(), torch.rand(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
+    at = AT(eps=0.3, step_size=0.1, steps=3, mix="cutmix", attack_mode="eval", mix_attack_target=target)
     torch.manual_seed(2)
-    at = AT(eps=0.3, step_size=0.1, steps=2, mix="cutmix")
     batch = at.prepare(model, x, y)
-    assert batch.mix is not None and (batch.x_adv - batch.x).abs().max() <= 0.3 + 1e-6
+    minor, share = batch.mix
+    torch.manual_seed(2)  # replay the mixing draws, then the start's noise
+    at.mixing(x, y)
+    noise = torch.empty_like(x).uniform_(-0.3, 0.3)
+    model.eval()
+    if target == "mixed":  # the default, as DM-Improves-AT / Rebuffi et al.
+        want = soft_pgd(model, batch.x, batch.y, minor, share, 0.3, 0.1, 3, noise)
+    else:  # the old behaviour: PGD on the dominant label
+        want = soft_pgd(model, batch.x, batch.y, batch.y, 0.0, 0.3, 0.1, 3, noise)
+    assert (batch.x_adv - want).abs().max() < 1e-9
     out = at.loss(model, batch)
-    assert torch.allclose(out.loss, at.batch_cross_entropy(model(batch.x_adv), batch), atol=1e-5)
+    assert torch.allclose(out.loss, at.batch_cross_entropy(model(batch.x_adv), batch), atol=1e-8)
+
+
+@pytest.mark.parametrize("target", ["mixed", "prediction"])
+def test_trades_attack_target_with_mixing(target):
+    model = small_model().double().eval()
+    x, y = torch.rand(8, 1, 28, 28, dtype=torch.float64), torch.randint(0, 10, (8,))
+    # uniform start: from x + 0.001 N(0, 1) the first KL gradient to p(x) is float-rounding sized
+    trades = TRADES(eps=0.3, step_size=0.1, steps=3, mix="mixup", mix_attack_target=target, start="uniform")
     torch.manual_seed(3)
-    trades = TRADES(eps=0.3, step_size=0.1, steps=2, mix="mixup")
     batch = trades.prepare(model, x, y)
+    minor, share = batch.mix
+    torch.manual_seed(3)
+    trades.mixing(x, y)
+    start = (batch.x + torch.empty_like(x).uniform_(-0.3, 0.3)).clamp(0, 1)
+    if target == "mixed":  # KL(mixed || p(x')), DM-Improves-AT's trades_loss with CutMix
+        target_p = (1 - share) * F.one_hot(batch.y, 10).double() + share * F.one_hot(minor, 10).double()
+    else:  # KL(p(x) || p(x')), the clean prediction
+        target_p = F.softmax(model(batch.x), 1).detach()
+    x_adv = start
+    for _ in range(3):
+        x_adv.requires_grad_(True)
+        kl = F.kl_div(F.log_softmax(model(x_adv), 1), target_p, reduction="batchmean")
+        (g,) = torch.autograd.grad(kl, x_adv)
+        x_adv = torch.min(torch.max(x_adv.detach() + 0.1 * g.sign(), batch.x - 0.3), batch.x + 0.3).clamp(0, 1)
+    assert (batch.x_adv - x_adv).abs().max() < 1e-9
     out = trades.loss(model, batch)
-    assert torch.allclose(out.metrics["natural_loss"], trades.batch_cross_entropy(model(batch.x), batch), atol=1e-5)
+    assert torch.allclose(out.metrics["natural_loss"], trades.batch_cross_entropy(model(batch.x), batch), atol=1e-8)
+
+
+@pytest.mark.parametrize("cls", [AT, TRADES])
+@pytest.mark.parametrize("smooth", [False, True])
+def test_mixed_labels_are_smoothed_only_with_the_switch(cls, smooth):
+    d = cls(label_smoothing=0.1, mix="cutmix", smooth_mixed_labels=smooth)
+    torch.manual_seed(1)
+    x, y = torch.rand(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    x, dominant, minor = d.mixing(x, y)
+    logits = torch.randn(8, 10)
+    soft = (1 - minor[1]) * F.one_hot(dominant, 10).float() + minor[1] * F.one_hot(minor[0], 10).float()
+    from advews.defenses.base import Batch
+
+    got = d.batch_cross_entropy(logits, Batch(x, dominant, mix=minor))
+    assert torch.allclose(got, F.cross_entropy(logits, soft, label_smoothing=0.1 if smooth else 0.0), atol=1e-6)
+    # an unmixed batch always gets the defense's label smoothing
+    plain = d.batch_cross_entropy(logits, Batch(x, dominant))
+    assert torch.allclose(plain, F.cross_entropy(logits, dominant, label_smoothing=0.1), atol=1e-6)
 
 
 def test_options_and_bad_values():
@@ -95,3 +156,16 @@ def test_options_and_bad_values():
         with pytest.raises(AdvewsError) as info:
             Standard(**kwargs)
         assert str(info.value).splitlines()[0] == message  # gin adds where it was called on a second line
+    for cls, kwargs, message in (
+            (AT, {"mix_attack_target": "prediction"},
+             "AT.mix_attack_target must be one of 'mixed', 'dominant', got 'prediction'"),
+            (TRADES, {"mix_attack_target": "dominant"},
+             "TRADES.mix_attack_target must be one of 'mixed', 'prediction', got 'dominant'"),
+            (AT, {"smooth_mixed_labels": "yes"}, "AT.smooth_mixed_labels must be True or False, got 'yes'"),
+            (TRADES, {"smooth_mixed_labels": 1}, "TRADES.smooth_mixed_labels must be True or False, got 1"),
+            (TRADES, {"attack_mode": "frozen"},
+             "TRADES.attack_mode must be one of 'eval', 'train', 'train_frozen', got 'frozen'"),
+            (TRADES, {"start": "zero"}, "TRADES.start must be one of 'normal', 'uniform', got 'zero'")):
+        with pytest.raises(AdvewsError) as info:
+            cls(**kwargs)
+        assert str(info.value).splitlines()[0] == message

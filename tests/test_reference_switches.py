@@ -10,21 +10,14 @@ from torch import nn
 import torch.nn.functional as F
 
 from advews.attacks import PGD, TradesKL
-from advews.defenses import AT, AT_AWP, MART, TRADES, AugMix, Batch, build_defense
+from advews.defenses import AT, AT_AWP, MART, TRADES, AugMix, Batch, build_defense, get_defense
 from advews.engine.precision import Precision
 from advews.models import build_model
 from advews.models.resnet import Bottleneck
 from advews.subnets import discover, random_subnet, subnet
 
 
-@pytest.fixture(autouse=True)
-def one_thread_and_clean_gin():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    gin.clear_config()
-    yield
-    gin.clear_config()
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(dropout=0.0):
@@ -159,11 +152,12 @@ def test_grad_clip(clip):
     assert step == pytest.approx(norm if clip is None else 3.0, rel=1e-4)
 
 
-def test_corruption_recipes_clip_like_the_authors():
+@pytest.mark.parametrize("recipe", ["standard.gin", "standard_imagenet.gin", "deepaugment_augmix_imagenet_ews.gin"])
+def test_corruption_recipes_clip_like_the_authors(recipe):
     from advews.cli.common import parse_gin
 
-    parse_gin(["standard.gin"], [])
-    assert gin.query_parameter("train.grad_clip") == 3.0
+    parse_gin([recipe], [])
+    assert gin.query_parameter("train.grad_clip") == 3.0  # train_cifar and train_imnet: --grad_clip 3
     parse_gin(["at.gin"], [])
     with pytest.raises(ValueError):
         gin.query_parameter("train.grad_clip")  # unbound: the AT reference does not clip
@@ -192,11 +186,35 @@ def test_awp_proxy_uses_plain_ce_unless_asked():
 
 
 # AugMix's search view ------------------------------------------------------------------------------
-@pytest.mark.parametrize("search_on, n", [("all", 3 * 8), ("clean", 8)])
+@pytest.mark.parametrize("search_on, n", [("clean_of_all", 3 * 8), ("all", 3 * 8), ("clean", 8)])
 def test_augmix_search_view(search_on, n):
     d = AugMix(search_on=search_on)
     x, y = torch.rand(8, 3, 32, 32), torch.arange(8)
     batch = d.prepare(None, x, y)
     sx, sy = d.search_view(batch)
     assert sx.shape[0] == sy.shape[0] == n and torch.equal(sx[:8], x) and torch.equal(sy[:8], y)
-    assert AugMix().search_on == "all"  # the authors' code scores the concatenated batch
+    scored = (sy >= 0).sum()
+    assert scored == (8 if search_on != "all" else 24)  # the authors reward the clean third only
+    assert AugMix().search_on == "clean_of_all"  # forward all three views, score the clean third
+
+
+# (i) when the controller updates: every K steps of each epoch, or of the run ---------------------------
+@pytest.mark.parametrize("each_epoch, expected", [(True, [(0, 0), (0, 3), (1, 0), (1, 3)]),
+                                                  (False, [(0, 0), (0, 3), (1, 1), (1, 4)])])
+def test_search_interval_restarts_each_epoch_like_the_authors(each_epoch, expected):
+    """Their scripts update at ``step % K == 0`` with ``step`` counted within the epoch."""
+    model, (x, y) = small(), digits(8)
+    model.train()
+    d = get_defense("AT_EWS")(eps=0.3, step_size=0.1, steps=1, interval=3, interval_each_epoch=each_epoch, lam=0.0)
+    d.setup(model)
+    updates = []
+    update = d.search.update
+    d.search.update = lambda score: updates.append((d.epoch, step)) or update(score)
+    for epoch in range(2):
+        for step in range(5):  # 5 steps per epoch: not a multiple of K
+            d.set_progress(epoch, 1.0)
+            batch = d.prepare(model, x, y)
+            d.begin_step(model, batch)
+            d.training_loss(model, batch)
+    assert updates == expected
+    assert get_defense("AT_EWS")().interval_each_epoch is True

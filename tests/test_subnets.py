@@ -261,3 +261,78 @@ def test_subnet_value_forms():
             with subnet(model, bad):
                 pass
     assert _no_hooks(model)
+
+
+class _GroupedBlock(nn.Module):
+    """conv1 (4 -> 8), then a depthwise 3x3 (groups 8), a grouped 3x3 (8 -> 12, groups 2: input
+    channels 0-3 read by output rows 0-5, 4-7 by rows 6-11) and conv2 (12 -> 4); identity shortcut."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.grouped = nn.Conv2d(8, 12, 3, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(12, 4, 1)
+        self.shortcut = nn.Sequential()
+
+    def forward(self, x):
+        h = F.relu(self.grouped(F.relu(self.dw(F.relu(self.conv1(x))))))
+        return self.conv2(h) + self.shortcut(x)
+
+
+def _grouped_model():
+    register_adapter(_GroupedBlock, ResidualAdapter("conv2", ("dw", "grouped", "conv2")))
+    torch.manual_seed(0)
+    model = nn.Sequential(_GroupedBlock(), _GroupedBlock())
+    order = [5, 2, 7, 0, 3, 6, 1, 4]  # the depthwise kernels' L1 norms, by channel: order[i] + 1
+    with torch.no_grad():
+        for block in model:
+            for i, rank in enumerate(order):
+                block.dw.weight[i].fill_((rank + 1) / 9)
+    return model
+
+
+def _reading_norms(conv):
+    """Per input channel, the L1 norm of the weights that read it, straight from the definition."""
+    w, per_group = conv.weight.detach().abs(), conv.in_channels // conv.groups
+    rows = conv.out_channels // conv.groups
+    return [float(w[(i // per_group) * rows:(i // per_group + 1) * rows, i % per_group].sum())
+            for i in range(conv.in_channels)]
+
+
+def test_l1_search_ranks_grouped_and_depthwise_consumers():
+    from advews.subnets.search import L1Search
+
+    model = _grouped_model()
+    space = discover(model)
+    assert space.shape() == (((8, 8, 12), ()),) * 2
+    alpha = L1Search(space, 0.75).sample()
+    for kept, chans, block in zip(alpha.paths, alpha.channels, model):
+        assert kept == (0, 1)  # keep_count(2, 0.75)
+        dw, grouped, conv2 = chans[0]
+        assert (len(dw), len(grouped), len(conv2)) == (keep_count(8, 0.75), keep_count(8, 0.75), keep_count(12, 0.75))
+        assert len(dw) == 6 and dw == (0, 1, 3, 4, 6, 7)  # norms 6, 3, 1, 4, 7, 5: all but 8 and 7
+        for layer, idx in ((block.grouped, grouped), (block.conv2, conv2)):
+            norms = _reading_norms(layer)
+            assert idx == tuple(sorted(sorted(range(len(norms)), key=norms.__getitem__)[:len(idx)]))
+    with torch.no_grad(), subnet(model, alpha):  # a grouped consumer masks its input
+        assert model(torch.rand(2, 4, 5, 5)).shape == (2, 4, 5, 5)
+
+
+def test_check_with_rho_catches_a_wrong_count():
+    from advews.subnets.search import L1Search
+
+    space = discover(_grouped_model())
+    alpha = L1Search(space, 0.75).sample()
+    alpha.check(space, 0.75)
+    residual, shortcut = alpha.channels[0]
+    one_short = Subnet(alpha.paths, ((residual[:1] + ((0, 1),) + residual[2:], shortcut), *alpha.channels[1:]))
+    one_short.check(space)  # a valid subnet, of another width
+    with pytest.raises(ValueError, match=r"block 0 path 0 layer 1 channels: keeps 2 of 8, .* keeps keep_count\(8, "
+                                         r"0.75\) = 6"):
+        one_short.check(space, 0.75)
+    one_path = Subnet(((0,), (0, 1)), ((alpha.channels[0][0],), alpha.channels[1]))
+    with pytest.raises(ValueError, match="block 0 paths: keeps 1 of 2"):
+        one_path.check(space, 0.75)
+    with pytest.raises(ValueError, match="layer 0 channels: keeps 6 of 8"):  # paths: keep_count(2, 0.6) = 2
+        alpha.check(space, 0.6)

@@ -22,7 +22,7 @@ import datetime
 import os
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -175,6 +175,7 @@ def evaluate_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int,
         "attack": run.attack_spec, "params": run.params, "seed": args.seed, "batch_size": args.batch_size,
         "amp": args.amp, "n_examples": total, "layout": FIXED_LAYOUT if args.fixed_batches else LAYOUT,
         "model": _fingerprint(run.model.state_dict().values()),
+        **({"amp_fp32_reattack": True} if args.amp else {}),  # earlier --amp states lack the re-attack
     }
     fresh = {"format": STATE_FORMAT, "identity": identity, "shard": place.shard, "shards": place.shards,
              "start": bounds[0], "stop": bounds[1], "data": _fingerprint([x, y]), "info": run.info,
@@ -204,18 +205,35 @@ def evaluate_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int,
         if name == "autoattack":
             done = _autoattack(args, run, x, y, (state, record["progress"].get(name)), keep, say)
         else:
-            robust, low, seconds = attack_flags(
+            resumed = name in record["progress"]
+            flags = attack_flags(
                 run.model, run.data, attack, batch_size=args.batch_size, device=run.device, amp=args.amp,
                 progress_state=record["progress"].get(name), save=keep, desc=name,
                 batch_seeds=(args.seed, bounds[0] // args.batch_size) if args.fixed_batches else None)
-            done = {"robust": pack(robust), "entry": {**run.params[name], "seconds": seconds},
-                    **({"low_robust": pack(low)} if low is not None else {})}
+            done = {"robust": pack(flags.robust), "entry": {**run.params[name], "seconds": flags.seconds}}
+            if flags.low is not None:
+                stages, done["entry"]["stages"] = _amp_stages(name, args.amp, flags, resumed)
+                done.update(low_robust=pack(flags.low), stages=stages)
         record["attacks"][name] = done
         record["progress"].pop(name, None)
         save()
     record["seconds"] = round(record.get("seconds", 0.0) + time.time() - began, 2)
     save()
     return record
+
+
+def _amp_stages(name: str, amp: str, flags: Any, resumed: bool) -> Tuple[Dict[str, str], List[Dict[str, Any]]]:
+    """--amp's two stages of an attack other than AutoAttack, as the record's per-example flags and
+    its entry's list: after the fp32 check of the low-precision examples (``<name>-<amp>``), and
+    after the fp32 re-attack of the points still robust (``<name>-fp32``, the robust flags); so the
+    merged JSON and --hdf5 have both."""
+    checked, final = f"{name}-{amp}", f"{name}-fp32"
+    n = max(len(flags.robust), 1)
+    seconds = {checked: round(flags.seconds - flags.fp32_seconds, 2), final: flags.fp32_seconds}
+    stage_flags = {checked: flags.checked, final: flags.robust}
+    return ({stage: pack(f) for stage, f in stage_flags.items()},
+            [{"attack": stage, "robust_acc": int(f.sum()) / n, "seconds": seconds[stage], "resumed": resumed}
+             for stage, f in stage_flags.items()])
 
 
 def _autoattack(args: EvalOptions, run: Any, x: torch.Tensor, y: torch.Tensor,

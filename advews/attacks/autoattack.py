@@ -34,6 +34,7 @@ FAST_CASCADE = ("apgd-ce", "apgd-t")
 FAST_NOTE = ("version fast runs APGD-CE and APGD-T of the standard cascade only: a screening number, "
              "not the standard AutoAttack (rerun with --version standard to report)")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+FP32_SUFFIX = "-fp32"  # with amp: the stages of the cascade run again in fp32 on the points still robust
 AA_NORMS = ("Linf", "L2", "L1")
 STATE_FORMAT = "advews-autoattack-state/1"
 LOGGER = "auto-attack"
@@ -68,9 +69,11 @@ def run_autoattack(
     checks, and the note that ``fast`` is not the standard AA), and the per-example bool tensors
     clean, robust and stage_robust {attack: flags}. ``state_path`` (or ``state_io``, which keeps the
     same dict elsewhere) is rewritten after every stage; a later call with the same state skips the
-    stages it records. ``amp`` ('bf16' or 'fp16'): the attacks run under autocast, and every
-    adversarial example is then re-checked in fp32: only a point the fp32 model misclassifies counts
-    as broken (``robust``), while ``low_precision_robust`` holds what the low-precision model said.
+    stages it records. ``amp`` ('bf16' or 'fp16'): the cascade runs under autocast and every
+    adversarial example is then re-checked in fp32 (only a point the fp32 model misclassifies counts
+    as broken); then the same cascade (version, seed) runs again in fp32 on the points still robust,
+    as the stages ``<stage>-fp32``, so every point counted robust (``robust``) survived an fp32
+    AutoAttack. ``low_precision_robust`` holds what the low-precision model said of its own examples.
     ``log`` receives progress lines and warnings. ``fixed_batches``: each batch of ``batch_size``
     examples keeps its own points through the cascade (one call per batch and stage), instead of
     pyautoattack's re-packing of the robust points into full batches; a batch's flags then depend on
@@ -93,7 +96,14 @@ def run_autoattack(
         cascade: List[str] = list(FAST_CASCADE) if version == "fast" else list(aa.attacks_to_run)
         identity = {"eps": eps, "norm": norm, "version": version, "attacks": cascade, "seed": seed,
                     "n": len(y), "data": _fingerprint([x, y]), "model": _fingerprint(model.state_dict().values()),
-                    "amp": amp, **({"fixed_batches": True} if fixed_batches else {})}
+                    "amp": amp, **({"fixed_batches": True} if fixed_batches else {}),
+                    **({"fp32_reattack": True} if amp else {})}
+        # (stage, library attack, runner): with amp the cascade again in fp32 on the survivors
+        plan = [(name, name, aa) for name in cascade]
+        if amp is not None:
+            aa32 = AutoAttack(model, eps=eps, norm=norm, version="standard" if version == "fast" else version,
+                              device=device, seed=seed, attacks=list(attacks) if version == "custom" else None)
+            plan += [(name + FP32_SUFFIX, name, aa32) for name in cascade]
         done = _check_state(store.load(), identity, store.name) if store else []
         clean = _correct(model, x, y, batch_size, device)
         robust = clean.clone()
@@ -102,8 +112,9 @@ def run_autoattack(
         stage_low: Dict[str, torch.Tensor] = {}
         stages: List[Dict[str, Any]] = []
         say(f"clean accuracy: {_pct(clean)} of {len(y)}; cascade {', '.join(cascade)} at {norm} eps {eps:g}")
-        for name in cascade:
+        for name, library_name, runner in plan:
             start = time.time()
+            in_fp32 = runner is not aa or amp is None
             restored = next((s for s in done if s["attack"] == name), None)
             if restored is not None:
                 robust &= _unpack(restored["robust"], len(y))
@@ -112,20 +123,21 @@ def run_autoattack(
                 say(f"{name}: restored from {store.name}")
             else:
                 index = robust.nonzero().flatten()
-                say(f"{name}: attacking {len(index)} robust points")
-                aa.attacks_to_run = [name]
+                say(f"{name}: attacking {len(index)} robust points" + (" in fp32" if amp and in_fp32 else ""))
+                runner.attacks_to_run = [library_name]
                 for part in _groups(index, batch_size if fixed_batches else None):
-                    x_adv, y_adv = aa.run_standard_evaluation(x[part], y[part], batch_size=batch_size)
-                    low[part] &= y_adv.cpu() == y[part]
-                    if amp is None:
-                        robust[part] = y_adv.cpu() == y[part]
-                    else:  # broken only if the fp32 model misclassifies the adversarial example
-                        robust[part] = _correct(model, x_adv.cpu(), y[part], batch_size, device)
+                    x_adv, y_adv = runner.run_standard_evaluation(x[part], y[part], batch_size=batch_size)
+                    held = y_adv.cpu() == y[part]  # according to the model ``runner`` attacks
+                    if runner is aa:
+                        low[part] &= held
+                    # with amp, a low-precision example breaks a point only if the fp32 model misclassifies it
+                    robust[part] = held if in_fp32 else _correct(model, x_adv.cpu(), y[part], batch_size, device)
                 seconds = round(time.time() - start, 2)
             stage_robust[name], stage_low[name] = robust.clone(), low.clone()
             stages.append({"attack": name, "robust_acc": _acc(robust), "seconds": seconds,
                            "resumed": restored is not None,
-                           **({"low_precision_robust_acc": _acc(low)} if amp else {})})
+                           **({"low_precision_robust_acc": _acc(low)} if amp and not in_fp32 else {}),
+                           **({"fp32_reattack": True} if amp and in_fp32 else {})})
             saved = ""
             if store and restored is None:
                 store.save(_state_dict(identity, stages, stage_robust, stage_low if amp else None))

@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(AutoAttack: every cascade stage); rerunning the same command skips the work done and gives the "
                    "same flags (refused for other attacks, parameters, seed, data or model). Sharded runs keep one "
                    "file per shard: FILE with .shardIofN before its extension")
-    p.add_argument("--amp", choices=AMP, help="run the attacks under autocast in bf16 or fp16, then re-check every "
-                   "adversarial example in fp32: a point counts as broken only if the fp32 model misclassifies it; "
-                   "reports both counts and warns when they differ by more than 0.5 points")
+    p.add_argument("--amp", choices=AMP, help="run the attacks under autocast in bf16 or fp16, re-check every "
+                   "adversarial example in fp32 (a point counts as broken only if the fp32 model misclassifies it), "
+                   "then attack the points still robust again in fp32 with the same attack; reports the counts "
+                   "after each and warns when they differ by more than 0.5 points")
     p.add_argument("--shards", type=int, metavar="N", help="split the examples into N contiguous shards and run one "
                    "(--shard) in this process, e.g. one per array job (needs --state; combine them with --merge). "
                    "Under torchrun --nproc_per_node=N each rank runs one shard and rank 0 writes the result")
@@ -189,7 +190,8 @@ def _analyze(args: EvalOptions) -> int:
 
 # Entries of an attack that are results, not parameters (--amp's counts: advews.api.extended.extra_lines).
 NOT_PARAMS = ("robust_acc", "seconds", "stages", "warnings", "amp", "robust_acc_low_precision",
-              "broken_low_precision", "confirmed_fp32", "broken_fp32", "precision_warning")
+              "broken_low_precision", "confirmed_fp32", "broken_fp32", "precision_warning",
+              "missed_low_precision")
 
 
 def _format_params(params: Dict[str, Any]) -> str:

@@ -70,6 +70,7 @@ def load_data(
     num_workers: int = 0,
     pin_memory: bool = False,
     extra_folders: Sequence[str] = (),
+    crop_fill: int = 0,
     rank: int = 0,
     world: int = 1,
 ) -> DataBundle:
@@ -92,8 +93,17 @@ def load_data(
     size, default 224, and its DataLoader); in-memory datasets ignore the latter two and accept only
     their native ``image_size``. A folder dataset's held-out validation split uses evaluation
     transforms; ``augment`` False gives its training split those too.
+
+    ``crop_fill``: the pixel value (0..255) the random crop pads with, for datasets with a crop
+    augmentation (cifar10/100): 0, or 128 as the EWS authors' AT/TRADES scripts (``RandomCropFlip``).
     """
     spec = get_dataset(dataset)
+    train_augment = spec.augment if augment else None
+    if crop_fill != 0 or not isinstance(crop_fill, int):
+        if not isinstance(spec.augment, RandomCropFlip):
+            raise AdvewsError(f"data.crop_fill needs a dataset with a crop augmentation (cifar10, cifar100), not {dataset}")
+        fill = RandomCropFlip(spec.augment.padding, spec.augment.flip, fill=crop_fill)
+        train_augment = fill if augment else None
     train, test = spec.load(str(root), download)
     train, val = split_validation(train, spec.val_size if val_size is None else val_size, split_seed)
     train = _limit(train, train_limit, "train_limit")
@@ -126,7 +136,7 @@ def load_data(
         image_size=size,
         mean=spec.mean if normalize else (0.0,) * channels,
         std=spec.std if normalize else (1.0,) * channels,
-        train_augment=spec.augment if augment else None,
+        train_augment=train_augment,
     )
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from advews.attacks import PGD
 from advews.defenses.base import Batch, Defense, DefenseOutput, View
-from advews.defenses.mixing import Mixing
+from advews.defenses.mixing import Mixing, mixed_cross_entropy, require_choice
 from advews.defenses.registry import register_defense
+from advews.errors import require_bool
+
+
+MIX_TARGETS = ("mixed", "dominant")
 
 
 @register_defense
@@ -16,8 +21,16 @@ class AT(Defense):
     reference scripts (robust_overfitting, AWP's AT_AWP, EWS's train_adv_at) do: BN normalises with
     the adversarial batch's statistics and every attack forward updates the running statistics;
     'eval' attacks the running-statistics net, as TRADES/MART do and as evaluation does.
-    ``mix`` (cutmix, mixup): the clean batch is mixed before the attack, which targets the dominant
-    labels; the loss is CE against the mixed labels (``defenses.mixing``)."""
+    ``mix`` (cutmix, mixup): the clean batch is mixed before the attack; the loss is CE against the
+    mixed labels (``defenses.mixing``). ``mix_attack_target``: 'mixed' (default) maximises the
+    soft-label CE against the mixed label distribution, as DM-Improves-AT (its PGD's CE takes the
+    CutMix soft label) and Rebuffi et al. do; 'dominant' maximises the CE of the larger share's label
+    (advews before 2026-12). ``smooth_mixed_labels``: False (default) trains a mixed batch on the
+    unsmoothed mixed label, as DM-Improves-AT (its CutMix losses take no smoothing); True applies
+    ``label_smoothing`` to it too. Unmixed batches always get ``label_smoothing``.
+    ``final_forward``: True (default) runs the train-mode attack's result through the net once more,
+    as the references' ``attack_pgd`` does to score its restart (robust_overfitting, AWP AT_AWP, EWS
+    train_adv_at): 11 BN running-statistic updates per step instead of 10 (no effect in eval mode)."""
 
     adversarial = True
 
@@ -33,15 +46,25 @@ class AT(Defense):
         mix: str = "none",
         mix_alpha: float = 1.0,
         mix_prob: float = 1.0,
+        mix_attack_target: str = "mixed",
+        smooth_mixed_labels: bool = False,
+        final_forward: bool = True,
     ):
         super().__init__(label_smoothing=label_smoothing)
         self.mixing = Mixing(mix, mix_alpha, mix_prob)
+        require_bool("AT.final_forward", final_forward)
+        require_choice("AT.mix_attack_target", mix_attack_target, MIX_TARGETS)
+        require_bool("AT.smooth_mixed_labels", smooth_mixed_labels)
+        self.mix_attack_target, self.smooth_mixed_labels = mix_attack_target, smooth_mixed_labels
         self.attack = PGD(eps=eps, norm=norm, steps=steps, step_size=step_size, random_start=random_start,
-                          model_mode=attack_mode)
+                          model_mode=attack_mode, final_forward=final_forward and attack_mode == "train")
 
     def prepare(self, model: nn.Module, x, y) -> Batch:
-        x, y, minor = self.mixing(x, y)
-        return Batch(x, y, x_adv=self.attack.scaled(self.eps_scale)(model, x, y), mix=minor)
+        attack = self.attack.scaled(self.eps_scale)
+        return self.mixing.attacked(attack, model, x, y, self.mix_attack_target == "mixed")
+
+    def batch_cross_entropy(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return mixed_cross_entropy(logits, batch.y, batch.mix, self.label_smoothing, self.smooth_mixed_labels)
 
     def loss(self, model: nn.Module, batch: Batch) -> DefenseOutput:
         logits = model(batch.x_adv)

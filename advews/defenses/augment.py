@@ -65,7 +65,7 @@ class AugMixBatch(Batch):
     x_aug: Tuple[torch.Tensor, ...] = ()
 
 
-SEARCH_VIEWS = ("all", "clean")
+SEARCH_VIEWS = ("clean_of_all", "all", "clean")
 
 
 @register_defense
@@ -76,9 +76,11 @@ class AugMix(Standard):
     severity 5, the EWS paper's CIFAR setting (AugMix's own CIFAR script uses 3). ``all_ops`` adds
     color/contrast/brightness/sharpness, which overlap with the test corruptions. The three views go
     through one concatenated forward so BN normalises them together, as in AugMix; EWS distils the
-    subnet on each view with weight 1/3. ``search_on``: the batch the EWS search scores subnets on,
-    'all' (default: the concatenated clean + two augmented views, as the authors' code does) or
-    'clean' (the clean images only).
+    subnet on each view with weight 1/3. ``search_on``: what the EWS search scores subnets on.
+    'clean_of_all' (default, the authors' ``train_augmix``): the subnet runs on the concatenated
+    clean + two augmented views (so BN in train mode normalises over all three) and the reward is the
+    accuracy of the clean third; 'all': the accuracy over all three views; 'clean': the clean images
+    alone are forwarded (equal to 'clean_of_all' when ``EWS.search_bn = 'eval'``).
     """
 
     def __init__(
@@ -90,7 +92,7 @@ class AugMix(Standard):
         all_ops: bool = False,
         jsd_weight: float = 12.0,
         label_smoothing: float = 0.0,
-        search_on: str = "all",
+        search_on: str = "clean_of_all",
     ):
         super().__init__(label_smoothing=label_smoothing)
         if search_on not in SEARCH_VIEWS:
@@ -119,9 +121,14 @@ class AugMix(Standard):
         return AugMixBatch(x, y, x_aug=tuple(views.chunk(2)))
 
     def search_view(self, batch: AugMixBatch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Label -1 marks rows that are forwarded but not scored (see ``Defense.search_view``)."""
         if self.search_on == "clean":
             return batch.x, batch.y
-        return torch.cat((batch.x, *batch.x_aug)), batch.y.repeat(1 + len(batch.x_aug))
+        x = torch.cat((batch.x, *batch.x_aug))
+        if self.search_on == "all":
+            return x, batch.y.repeat(1 + len(batch.x_aug))
+        unscored = batch.y.new_full((batch.y.shape[0] * len(batch.x_aug),), -1)
+        return x, torch.cat((batch.y, unscored))
 
     def loss(self, model: nn.Module, batch: AugMixBatch) -> DefenseOutput:
         inputs = torch.cat((batch.x, *batch.x_aug))

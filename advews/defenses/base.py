@@ -122,7 +122,8 @@ class Defense:
     def search_view(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """The inputs and labels a weak-subnet search scores subnets on: the adversarial batch for
         adversarial defenses (robust accuracy), the clean batch otherwise. Known before ``loss`` runs,
-        so a search can be updated before AWP perturbs the weights."""
+        so a search can be updated before AWP perturbs the weights. A label of -1 marks a row the
+        subnet is run on (it shares the BN batch) but not scored on."""
         if self.adversarial and batch.x_adv is not None:
             return batch.x_adv, batch.y
         return batch.x, batch.y

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from advews import collectives
 from advews.defenses.base import Backward, Batch, DefenseOutput
 from advews.defenses.registry import register_deriver
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, require_bool
 from advews.subnets import Subnet, build_search, set_bn_mode, space_of, subnet
 
 BN_MODES = ("eval", "train")
@@ -47,6 +47,9 @@ class EWSMixin:
     default, as the authors' switch_to_subnet sets p = 0. ``search_at_awp_weights``: with AWP, score
     the search's subnets at the perturbed weights (where the training loss runs) instead of before
     AWP perturbs (default, the order of both authors' EWS scripts); without AWP the two coincide.
+    ``interval_each_epoch``: count the ``interval`` from each epoch's first step, as the authors'
+    scripts do (``step % K`` with ``step`` the index within the epoch; default), or over the whole
+    run (False). The two differ only around epoch boundaries.
     """
 
     def __init__(
@@ -62,6 +65,7 @@ class EWSMixin:
         search_bn: str = "eval",
         subnet_dropout: bool = False,
         search_at_awp_weights: bool = False,
+        interval_each_epoch: bool = True,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -82,7 +86,10 @@ class EWSMixin:
         self.interval, self.search_name, self.num_samples = interval, search, num_samples
         self.controller_lr, self.search_bn = controller_lr, search_bn
         self.subnet_dropout, self.search_at_awp_weights = subnet_dropout, search_at_awp_weights
+        require_bool("EWS.interval_each_epoch", interval_each_epoch)
+        self.interval_each_epoch = interval_each_epoch
         self.iteration = 0
+        self.epoch_step, self._search_epoch = 0, None  # steps into the epoch the search last saw
         self._search_metrics: Optional[dict] = None  # this iteration's search update, once it ran
         self.space = None
         self.search = None
@@ -95,16 +102,28 @@ class EWSMixin:
             options.update(lr=self.controller_lr, entropy_weight=self.entropy_weight)
         self.search = build_search(self.search_name, self.space, self.rho, **options)
 
+    def set_progress(self, epoch: int, eps_scale: float) -> None:
+        super().set_progress(epoch, eps_scale)
+        if epoch != self._search_epoch:
+            if self._search_epoch is not None:
+                self.epoch_step = 0
+            self._search_epoch = epoch
+        if self.search is not None:
+            self.search.begin_epoch(epoch)
+
     def score_subnets(self, model: nn.Module, subnets: List[Subnet], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Accuracy of each subnet on (x, y), BN in ``search_bn`` mode; no gradients, no state change."""
+        """Accuracy of each subnet on the rows of (x, y) with a label >= 0 (all of x is forwarded), BN
+        in ``search_bn`` mode; no gradients, no state change."""
         modes = [(m, m.training) for m in model.modules()]
         set_bn_mode(model, self.search_bn)
+        scored = None if bool((y >= 0).all()) else y >= 0
         try:
             with torch.no_grad():
                 accs = []
                 for alpha in subnets:
                     with subnet(model, alpha, self.space):
-                        accs.append((model(x).argmax(1) == y).float().mean())
+                        correct = (model(x).argmax(1) == y).float()
+                        accs.append((correct if scored is None else correct[scored]).mean())
                 # Under DDP every rank scores the same subnets on its shard: the reward is the mean
                 # over ranks, so every rank's controller takes the same update and stays identical.
                 return collectives.all_reduce_mean(torch.stack(accs))
@@ -117,7 +136,7 @@ class EWSMixin:
         if self.search is None:
             raise RuntimeError(f"{self.name}.setup(model) must be called before training")
         self._search_metrics = {}
-        if self.iteration % self.interval == 0:
+        if (self.epoch_step if self.interval_each_epoch else self.iteration) % self.interval == 0:
             x, y = self.search_view(batch)
             x = x.detach()
             stats = self.search.update(lambda subnets: self.score_subnets(model, subnets, x, y))
@@ -146,6 +165,7 @@ class EWSMixin:
                 backward(out.loss)
         metrics, self._search_metrics = self._search_metrics, None
         self.iteration += 1
+        self.epoch_step += 1
         if self.lam > 0:
             alpha = self.search.sample()
             kl = out.loss.new_zeros(())
@@ -169,11 +189,14 @@ class EWSMixin:
         return out
 
     def state_dict(self) -> dict:
-        return {"base": super().state_dict(), "iteration": self.iteration, "search": self.search.state_dict()}
+        return {"base": super().state_dict(), "iteration": self.iteration, "search": self.search.state_dict(),
+                "epoch_step": self.epoch_step, "search_epoch": self._search_epoch}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state["base"])
         self.iteration = state["iteration"]
+        self.epoch_step = state.get("epoch_step", self.iteration)
+        self._search_epoch = state.get("search_epoch")
         self.search.load_state_dict(state["search"])
 
 

@@ -6,10 +6,15 @@ Each batch is mixed with a random permutation of itself with a Beta(alpha, alpha
 the weight of a pasted box's area, recomputed after clipping the box to the image). The mixed batch
 carries two label sets: ``y``, the labels of the larger share (the "dominant" ones), and
 ``(y_minor, w)`` with w <= 0.5 the share of the other images; a defense's cross-entropy becomes
-(1 - w) * CE(y) + w * CE(y_minor), i.e. CE against the mixed label. Where a defense needs ONE label
-per example it uses the dominant one: the target of AT's PGD attack (maximising the dominant
-label's loss), training accuracy and the EWS search's accuracy reward. TRADES's KL attack and KL
-term need no labels. Not defined for MART (its loss weighs examples by p(y|x) of one label) and
+(1 - w) * CE(y) + w * CE(y_minor), i.e. CE against the mixed label distribution
+(``attacks.pgd.MixedLabels``), without label smoothing unless the defense's ``smooth_mixed_labels`` is
+set (DM-Improves-AT and Rebuffi et al. train on the unsmoothed mixed label; ``Standard`` has no such
+switch and still smooths it). The training attacks
+move away from the mixed label distribution by default, as Rebuffi et al. and DM-Improves-AT do
+(``mix_attack_target='mixed'``: AT's PGD maximises the soft-label CE, TRADES's attack
+KL(mixed || p(x'))); ``'dominant'`` (AT) and ``'prediction'`` (TRADES) keep the older behaviour.
+Where a defense needs ONE label per example it uses the dominant one: training accuracy and the EWS
+search's accuracy reward. Not defined for MART (its loss weighs examples by p(y|x) of one label) and
 for AutoAugment/AugMix (they augment in their own prepare). Draws come from torch's global RNG,
 which checkpoints save, so a resumed run mixes the same way.
 """
@@ -18,14 +23,35 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
+from advews.attacks.pgd import MixedLabels
+from advews.defenses.base import Batch
 from advews.errors import AdvewsError
 
 MIXES = ("none", "cutmix", "mixup")
 Minor = Optional[Tuple[torch.Tensor, float]]
+
+
+def require_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    """One line for a gin string setting outside ``allowed``."""
+    if not isinstance(value, str) or value not in allowed:
+        raise AdvewsError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+
+
+def mixed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, mix: Minor, label_smoothing: float,
+                        smooth_mixed: bool) -> torch.Tensor:
+    """Mean CE against the batch's labels; a mixed batch's label is smoothed only if ``smooth_mixed``."""
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    if mix is None:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    smoothing = label_smoothing if smooth_mixed else 0.0
+    minor, share = mix
+    return (1 - share) * F.cross_entropy(logits, y, label_smoothing=smoothing) + \
+        share * F.cross_entropy(logits, minor, label_smoothing=smoothing)
 
 
 @dataclass(frozen=True)
@@ -44,6 +70,16 @@ class Mixing:
             raise AdvewsError(f"mix_alpha must be a finite number > 0, got {self.alpha}")
         if not 0.0 <= self.prob <= 1.0:
             raise AdvewsError(f"mix_prob must be in [0, 1], got {self.prob}")
+
+    def attacked(self, attack: Any, model: Any, x: torch.Tensor, y: torch.Tensor, away_from_mix: bool) -> Batch:
+        """Mix the batch, then craft x_adv: away from the mixed label distribution when the batch
+        was mixed and ``away_from_mix`` (the references' target), else with the attack's own target."""
+        x, y, minor = self(x, y)
+        if minor is not None and away_from_mix:
+            x_adv = attack.away_from(model, x, MixedLabels(y, *minor))
+        else:
+            x_adv = attack(model, x, y)
+        return Batch(x, y, x_adv=x_adv, mix=minor)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Minor]:
         """(mixed x, dominant labels, (minor labels, minor share) or None when not mixed)."""

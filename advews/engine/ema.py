@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from advews.engine.params import require_bool, require_int, require_str
+from advews.engine.params import require_bool, require_int, require_number, require_str
 from advews.errors import AdvewsError
 
 WEIGHTS_FROM = ("ema", "live")
@@ -37,10 +37,25 @@ def check_ema_settings(decay: Any, warmup_steps: Any, dynamic_decay: Any, select
         raise AdvewsError(f"train.select_on must be one of {', '.join(WEIGHTS_FROM)}, got {select_on!r}")
 
 
+def ema_warmup(warmup_steps: Any, warmup_fraction: Any, total_steps: int) -> float:
+    """The EMA's warm-up in optimizer steps: ``train.ema_warmup_steps``, or ``train.ema_warmup_fraction``
+    of the run's ``total_steps`` (DM-Improves-AT: 0.025 x epochs x steps per epoch, not rounded).
+    The references: Gowal et al.'s and DM-Improves-AT's EMA is a plain copy over that warm-up."""
+    require_number("train.ema_warmup_fraction", warmup_fraction, minimum=0, allow_none=True)
+    if warmup_fraction is None:
+        return warmup_steps
+    if warmup_fraction > 1:
+        raise AdvewsError(f"train.ema_warmup_fraction must be in [0, 1], got {warmup_fraction}")
+    if warmup_steps:
+        raise AdvewsError(f"set train.ema_warmup_steps or train.ema_warmup_fraction, not both "
+                          f"(got {warmup_steps} and {warmup_fraction})")
+    return warmup_fraction * total_steps
+
+
 class EMA:
     """The averaged copy of ``model`` (eval mode, no gradients) and its update rule."""
 
-    def __init__(self, model: nn.Module, decay: float, warmup_steps: int = 0, dynamic_decay: bool = True):
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: float = 0, dynamic_decay: bool = True):
         self.decay, self.warmup_steps, self.dynamic_decay = decay, warmup_steps, dynamic_decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, require_bool  # noqa: F401  (re-exported)
 
 
 def _is_int(value: Any) -> bool:
@@ -38,11 +38,6 @@ def require_number(name: str, value: Any, minimum: Optional[float] = None, posit
         raise AdvewsError(f"{name} must be {what}, got {value!r}")
     if (positive and value <= 0) or (minimum is not None and value < minimum):
         raise AdvewsError(f"{name} must be{bound}, got {value}")
-
-
-def require_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise AdvewsError(f"{name} must be True or False, got {value!r}")
 
 
 def require_str(name: str, value: Any) -> None:

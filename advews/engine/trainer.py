@@ -26,7 +26,7 @@ from advews.data import load_data
 from advews.defenses import build_defense
 from advews.engine import distributed
 from advews.engine.backward import StepBackward
-from advews.engine.ema import EMA, check_ema_settings
+from advews.engine.ema import EMA, check_ema_settings, ema_warmup
 from advews.engine.guard import NonFiniteGuard, collapsed
 from advews.engine.optim import make_optimizer, make_scheduler
 from advews.engine.params import require_bool, require_int, require_number, require_str
@@ -35,7 +35,7 @@ from advews.engine.preemption import Preempted, PreemptionSignals
 from advews.engine.rundir import holds_checkpoint, prepare_output_dir, write_config
 from advews.engine.state import CheckpointState
 from advews.engine.tensorboard import TensorBoardLog
-from advews.engine.validation import validation_counts
+from advews.engine.validation import check_val_loss, validation_counts
 from advews.errors import AdvewsError
 from advews.models import build_model, model_spec
 from advews.subnets import install_masks
@@ -104,9 +104,12 @@ class Trainer(CheckpointState):
     ``ema_decay``: keep an EMA of the weights (``engine.ema``; None: off; DM-AT uses 0.995), updated
     after every step with the decay 0 for the first ``ema_warmup_steps`` steps, then ramped as
     ``min(ema_decay, (1 + d) / (10 + d))`` unless ``ema_dynamic_decay`` is False (DM-AT's warm-up is
-    2.5% of the run). Validation then also reports the EMA (``val_ema_*``); ``select_on`` ('ema' or
+    2.5% of the run: ``ema_warmup_fraction = 0.025`` instead of ``ema_warmup_steps``). Validation
+    then also reports the EMA (``val_ema_*``); ``select_on`` ('ema' or
     'live') says which weights pick ``best.pt`` and which ``advews-eval``/``advews-export`` take by
     default ('ema' means the live weights when there is no EMA). EWS distils from the live model.
+    ``val_loss``: what the validation PGD maximises (``engine.validation.VAL_LOSSES``): 'ce'
+    (robust_overfitting, TRADES, AWP, EWS) or DM-Improves-AT's 'cw_hinge' (its PGD-40 selection).
     ``resume`` with no ``last.pt`` in ``output_dir`` starts from scratch; ``overrides`` are the
     changed settings (``engine.resume.check_changes``) to apply on top of the checkpoint.
     """
@@ -141,11 +144,15 @@ class Trainer(CheckpointState):
         ema_warmup_steps: int = 0,
         ema_dynamic_decay: bool = True,
         select_on: str = "ema",
+        ema_warmup_fraction: Optional[float] = None,
+        val_loss: str = "ce",
     ):
         _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
                         eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
                         checkpoint_every_steps, ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on)
         require_str("train.defense", defense)
+        ema_warmup(ema_warmup_steps, ema_warmup_fraction, 1)
+        check_val_loss(val_loss)
         self.guard = NonFiniteGuard(nonfinite, max_skipped_steps)
         self.grad_clip, self.checkpoint_every_steps = grad_clip, checkpoint_every_steps
         self.dist, self.device = distributed.init(resolve_device(device))
@@ -184,12 +191,14 @@ class Trainer(CheckpointState):
         self.attack_model, self.train_model = self._wrap(compile)
         self.ema = None if ema_decay is None else EMA(self.model, ema_decay, ema_warmup_steps, ema_dynamic_decay)
         self.weights = "ema" if self.ema is not None and select_on == "ema" else "live"
-        self.optimizer = make_optimizer(self.model.parameters())
+        self.optimizer = make_optimizer(self.model)
         self.steps_per_epoch = self.data.train.num_batches(batch_size, drop_last=True)
         if self.steps_per_epoch < 1:
             raise AdvewsError(f"train.batch_size {batch_size} is larger than the training set ({len(self.data.train)})")
         self.scheduler = make_scheduler(self.optimizer, self.steps_per_epoch, epochs)
-        self.val_attack = self._validation_attack(val_eps, val_steps, val_step_size)
+        if self.ema is not None:
+            self.ema.warmup_steps = ema_warmup(ema_warmup_steps, ema_warmup_fraction, self.steps_per_epoch * epochs)
+        self.val_attack = self._validation_attack(val_eps, val_steps, val_step_size, val_loss)
         self.start_epoch, self.start_step, self.partial, self.best = 0, 0, None, None
         self.history: List[Dict[str, float]] = []
         self.overrides: List[Dict[str, Any]] = []
@@ -212,14 +221,15 @@ class Trainer(CheckpointState):
         attack_model = torch.compile(self.model)
         return attack_model, (attack_model if train_model is self.model else torch.compile(train_model))
 
-    def _validation_attack(self, eps: Optional[float], steps: int, step_size: Optional[float]) -> Optional[PGD]:
+    def _validation_attack(self, eps: Optional[float], steps: int, step_size: Optional[float],
+                           loss: str = "ce") -> Optional[PGD]:
         attack = getattr(self.defense, "attack", None)
         if eps is None:
             if attack is None:
                 return None
             eps = attack.eps
         norm = getattr(attack, "norm", "Linf")
-        return PGD(eps=eps, norm=norm, steps=steps, step_size=step_size or 2.5 * eps / steps)
+        return PGD(eps=eps, norm=norm, steps=steps, step_size=step_size or 2.5 * eps / steps, loss=loss)
 
     # ----------------------------------------------------------------- loop
     def _eps_scale(self, step: int) -> float:

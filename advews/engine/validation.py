@@ -12,6 +12,17 @@ from torch import nn
 from tqdm import tqdm
 
 from advews.attacks import Attack
+from advews.errors import AdvewsError
+
+VAL_LOSSES = ("ce", "cw", "cw_hinge")
+
+
+def check_val_loss(loss) -> None:
+    """``train.val_loss``: 'ce' (the validation PGD of robust_overfitting, TRADES, AWP and EWS), 'cw'
+    (the unclipped CW margin) or 'cw_hinge' (DM-Improves-AT's CWLoss, margin capped at 0: its
+    PGD-40 model selection on the EMA; see ``attacks.PGD``)."""
+    if not isinstance(loss, str) or loss not in VAL_LOSSES:
+        raise AdvewsError(f"train.val_loss must be one of {', '.join(repr(v) for v in VAL_LOSSES)}, got {loss!r}")
 
 
 @torch.no_grad()

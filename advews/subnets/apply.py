@@ -66,13 +66,24 @@ class Subnet:
             channels.append(tuple(tuple(tuple(sorted(l)) for l in chans[j]) for j in order))
         return Subnet(tuple(paths), tuple(channels))
 
-    def check(self, space: SubnetSpace) -> None:
-        """Raise ValueError unless this subnet fits ``space`` (indices in range, no repeats, layers match)."""
+    def check(self, space: SubnetSpace, rho: Optional[float] = None) -> None:
+        """Raise ValueError unless this subnet fits ``space`` (indices in range, no repeats, layers
+        match). With ``rho``, also unless it is a width-``rho`` subnet, as every search draws them:
+        ``keep_count(n, rho)`` of the n paths of every block and of the n channels of every layer of
+        each kept path."""
+        from advews.subnets.space import keep_count
+
+        def count(got: int, n: int, what: str) -> None:
+            if rho is not None and got != keep_count(n, rho):
+                raise ValueError(f"{what}: keeps {got} of {n}, but a width-{rho:g} subnet keeps "
+                                 f"keep_count({n}, {rho:g}) = {keep_count(n, rho)}")
+
         shape = space.shape()
         if len(self.paths) != len(shape) or len(self.channels) != len(shape):
             raise ValueError(f"subnet has {len(self.paths)} blocks, space has {len(shape)}")
         for b, (kept, chans, block) in enumerate(zip(self.paths, self.channels, shape)):
             _check_draw(kept, len(block), f"block {b} paths")
+            count(len(kept), len(block), f"block {b} paths")
             if len(chans) != len(kept):
                 raise ValueError(f"block {b}: {len(kept)} kept paths but channels for {len(chans)}")
             for p, layers in zip(kept, chans):
@@ -80,6 +91,7 @@ class Subnet:
                     raise ValueError(f"block {b} path {p}: {len(block[p])} layers, subnet gives {len(layers)}")
                 for l, (idx, c) in enumerate(zip(layers, block[p])):
                     _check_draw(idx, c, f"block {b} path {p} layer {l}")
+                    count(len(idx), c, f"block {b} path {p} layer {l} channels")
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready form (nested lists of ints)."""

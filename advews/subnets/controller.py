@@ -9,6 +9,13 @@ A decision that keeps all its items (e.g. both paths of a 2-path block at rho > 
 takes the items in index order with probability 1 and adds nothing to log-prob or entropy, rather
 than drawing an order that cannot change the subnet and would only add variance to REINFORCE.
 
+``objective='authors'`` is the reference position of the EWS authors' code: per decision, their
+per-item log-softmax sum and per-item entropy term (``authors_log_prob_and_entropy``), certain
+decisions included (their code draws and scores those too), so every decision gets a head. What
+stays different is the parametrisation: the authors share one path head and one channel head
+(``w_path``, ``w_channel``, cut to each decision's first n outputs) and one embedding table per
+block; here every decision has its own head and table (README's differences table).
+
 Samples are walked as a batch: every sample takes the same sequence of steps, and a step of a path
 that a sample dropped leaves that sample's state, log-prob and entropy untouched, so the batch is
 exactly C independent walks.
@@ -23,7 +30,8 @@ import torch
 from torch import nn
 
 from advews.subnets.apply import Subnet
-from advews.subnets.plackett_luce import log_prob_and_entropy, sample_ordered
+from advews.errors import AdvewsError
+from advews.subnets.plackett_luce import authors_log_prob_and_entropy, log_prob_and_entropy, sample_ordered
 from advews.subnets.space import BlockShape, keep_count
 
 
@@ -48,11 +56,18 @@ class _BlockPlan:
     layers: Tuple[Tuple[_Decision, ...], ...]  # per path, one decision per layer
 
 
-class Controller(nn.Module):
-    """pi_theta over the subnets of width ``rho`` of a space of shape ``space_shape``."""
+OBJECTIVES = ("exact", "authors")
 
-    def __init__(self, space_shape: Sequence[BlockShape], rho: float, hidden: int = 100):
+
+class Controller(nn.Module):
+    """pi_theta over the subnets of width ``rho`` of a space of shape ``space_shape``; ``objective``:
+    the exact Plackett-Luce log-prob and entropy, or the authors' per-item terms (module docstring)."""
+
+    def __init__(self, space_shape: Sequence[BlockShape], rho: float, hidden: int = 100, objective: str = "exact"):
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise AdvewsError(f"ControllerSearch.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        self.objective = objective
         decisions: List[_Decision] = []
 
         def new(n: int) -> _Decision:
@@ -67,7 +82,8 @@ class Controller(nn.Module):
         self.start = nn.Parameter(torch.empty(hidden))
         self.cell = nn.LSTMCell(hidden, hidden)
         self.embeds = nn.ModuleList(nn.Embedding(d.n, hidden) for d in decisions)
-        self.heads = nn.ModuleDict({str(d.index): nn.Linear(hidden, d.n) for d in decisions if d.k < d.n})
+        scored = [d for d in decisions if d.k < d.n or objective == "authors"]
+        self.heads = nn.ModuleDict({str(d.index): nn.Linear(hidden, d.n) for d in scored})
         for p in self.parameters():  # ENAS init: small weights, a near-uniform initial policy
             nn.init.uniform_(p, -0.1, 0.1)
 
@@ -115,13 +131,18 @@ class Controller(nn.Module):
     def _decide(self, d: _Decision, x, state, given, generator):
         h, c = self.cell(x, state)
         n = x.shape[0]
-        if d.k == d.n:
-            draw = torch.arange(d.n, device=x.device).expand(n, -1)
+        certain = torch.arange(d.n, device=x.device).expand(n, -1)
+        if str(d.index) not in self.heads:
             zero = torch.zeros(n, device=x.device)
-            lp, ent = zero, zero
+            return self.embeds[d.index](certain).mean(1), (h, c), certain, zero, zero
+        logits = self.heads[str(d.index)](h)
+        if d.k == d.n:
+            draw = certain
         else:
-            logits = self.heads[str(d.index)](h)
             draw = given[d.index] if given is not None else sample_ordered(logits, d.k, generator)
+        if self.objective == "authors":
+            lp, ent = authors_log_prob_and_entropy(logits, draw)
+        else:
             lp, ent = log_prob_and_entropy(logits, draw)
         return self.embeds[d.index](draw).mean(1), (h, c), draw, lp, ent
 

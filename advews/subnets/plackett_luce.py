@@ -7,7 +7,8 @@ Drawing k items one by one without replacement from softmax(logits) gives the or
 
 Gumbel-top-k (perturb the logits with Gumbel noise, take the k largest in order) samples exactly
 this distribution in one shot. Summing per-item log-softmaxes (as the reference code did) is not a
-probability of anything and biases the policy gradient.
+probability of anything and biases the policy gradient; ``authors_log_prob_and_entropy`` computes
+that sum, and the authors' entropy term, for the controller's reference position.
 """
 
 from __future__ import annotations
@@ -60,3 +61,19 @@ def log_prob_and_entropy(logits: torch.Tensor, draw: torch.Tensor) -> Tuple[torc
     log_prob = (du - log_z).sum(-1)
     entropy = (log_z + torch.exp(log_m - log_z)).sum(-1)
     return log_prob.float(), entropy.float()
+
+
+AUTHORS_EPS = 1e-6  # added to every softmax probability in the authors' controller (search.py)
+
+
+def authors_log_prob_and_entropy(logits: torch.Tensor, draw: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The EWS authors' per-decision terms (``Controller.forward`` in their ``search.py``).
+
+    With p = softmax(logits) + 1e-6 over ALL n items: log_p = sum over the drawn items of log p_a,
+    "entropy" = -sum over the drawn items of p_a log p_a. Neither is a property of the ordered draw:
+    at n = 512, k = 461, logit sd 1 this entropy's gradient norm is ~0.07 against ~18 for the exact
+    Plackett-Luce one, so the same coefficient explores far less (README's differences table).
+    """
+    p = torch.softmax(logits.float(), dim=-1) + AUTHORS_EPS
+    log_p = p.log().gather(-1, draw)
+    return log_p.sum(-1), -(log_p * p.gather(-1, draw)).sum(-1)

@@ -17,6 +17,7 @@ from advews.subnets.controller import Controller
 from advews.subnets.space import PathSpace, SubnetSpace, keep_count
 
 Score = Callable[[List[Subnet]], torch.Tensor]
+BASELINES = ("reward", "advantage")
 
 
 class WeakSubnetSearch:
@@ -37,6 +38,9 @@ class WeakSubnetSearch:
 
     def update(self, score: Score) -> Dict[str, float]:
         raise NotImplementedError  # abstract
+
+    def begin_epoch(self, epoch: int) -> None:
+        """The training loop enters ``epoch`` (the authors' AT/TRADES baseline restarts here)."""
 
     def state_dict(self) -> Dict:
         return {}
@@ -66,8 +70,13 @@ def _accuracies(score: Score, subnets: List[Subnet]) -> torch.Tensor:
 class ControllerSearch(WeakSubnetSearch):
     """REINFORCE on an LSTM policy (``Controller``, kept on the CPU) with reward = -accuracy.
 
-    Baseline: an EMA (``baseline_decay``) of the raw reward, initialised with the first update's mean
-    reward; each update's advantage uses the baseline from before its own rewards are folded in.
+    Baseline (``baseline='reward'``): an EMA (``baseline_decay``) of the raw reward, initialised with
+    the first update's mean reward; each update's advantage uses the baseline from before its own
+    rewards are folded in. ``baseline='advantage'`` is the authors' (their ``update_baseline``): the
+    advantage is r - b (r itself while b is exactly 0) and b follows an EMA of the advantage, which
+    settles at half the reward; ``reset_baseline_each_epoch`` restarts b at 0 every epoch, as their
+    AT/TRADES scripts do (their clean scripts carry it over). ``objective``: 'exact' Plackett-Luce
+    log-prob and entropy, or 'authors' (their per-item terms, see ``Controller``).
     ``leave_one_out`` (needs ``num_samples`` > 1): each sample's baseline is instead the mean reward of
     the other samples of the same update (learned ~5x faster in the MNIST prototype); the EMA is still
     tracked for logging. Loss = -(advantage * log_prob).mean() - entropy_weight * entropy.mean().
@@ -89,11 +98,18 @@ class ControllerSearch(WeakSubnetSearch):
         leave_one_out: bool = False,
         hidden: int = 100,
         seed: Optional[int] = None,
+        objective: str = "exact",
+        baseline: str = "reward",
+        reset_baseline_each_epoch: bool = False,
     ):
         super().__init__(space, rho)
         seed = _seed(seed)
         if leave_one_out and num_samples < 2:
             raise AdvewsError("leave_one_out needs num_samples >= 2")
+        if baseline not in BASELINES:
+            raise AdvewsError(f"ControllerSearch.baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+        self.baseline_kind, self.reset_baseline_each_epoch = baseline, bool(reset_baseline_each_epoch)
+        self.epoch = 0
         self.num_samples = num_samples
         self.entropy_weight = entropy_weight
         self.baseline_decay = baseline_decay
@@ -101,7 +117,7 @@ class ControllerSearch(WeakSubnetSearch):
         self.leave_one_out = leave_one_out
         with torch.random.fork_rng(devices=[]):  # seeded init without touching the global RNG
             torch.manual_seed(seed)
-            self.controller = Controller(space.shape(), rho, hidden)
+            self.controller = Controller(space.shape(), rho, hidden, objective)
         self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=lr, betas=tuple(betas))
         self.generator = torch.Generator().manual_seed(seed)
         self.baseline = 0.0
@@ -112,16 +128,23 @@ class ControllerSearch(WeakSubnetSearch):
         with torch.no_grad(), _fp32():
             return self.controller.sample(1, self.generator).subnets[0].canonical()
 
+    def begin_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch and self.reset_baseline_each_epoch:
+            self.baseline, self.baseline_ready = 0.0, False
+        self.epoch = epoch
+
     def advantage(self, reward: torch.Tensor) -> torch.Tensor:
-        """Advantages of ``reward`` (one per sample); folds their mean into the EMA baseline."""
-        mean = float(reward.mean())
-        if not self.baseline_ready:
-            self.baseline, self.baseline_ready = mean, True
-        if self.leave_one_out:
-            adv = reward - (reward.sum() - reward) / (reward.numel() - 1)
+        """Advantages of ``reward`` (one per sample); folds their mean (or, for the authors' baseline,
+        the mean advantage) into the EMA baseline."""
+        if self.baseline_kind == "advantage":
+            own = reward - self.baseline if self.baseline != 0 else reward
+            tracked = float(own.mean())
         else:
-            adv = reward - self.baseline
-        self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * mean
+            if not self.baseline_ready:
+                self.baseline, self.baseline_ready = float(reward.mean()), True
+            own, tracked = reward - self.baseline, float(reward.mean())
+        adv = reward - (reward.sum() - reward) / (reward.numel() - 1) if self.leave_one_out else own
+        self.baseline = self.baseline_decay * self.baseline + (1 - self.baseline_decay) * tracked
         return adv
 
     def update(self, score: Score) -> Dict[str, float]:
@@ -156,6 +179,7 @@ class ControllerSearch(WeakSubnetSearch):
             "baseline_ready": self.baseline_ready,
             "updates": self.updates,
             "generator": self.generator.get_state(),
+            "epoch": self.epoch,
         }
 
     def load_state_dict(self, d: Dict) -> None:
@@ -165,6 +189,7 @@ class ControllerSearch(WeakSubnetSearch):
         self.baseline_ready = bool(d["baseline_ready"])
         self.updates = int(d["updates"])
         self.generator.set_state(d["generator"])
+        self.epoch = int(d.get("epoch", 0))
 
 
 def random_subnet(space: SubnetSpace, rho: float, generator: Optional[torch.Generator] = None) -> Subnet:
@@ -229,25 +254,46 @@ def path_gain(path: PathSpace) -> float:
 class L1Search(WeakSubnetSearch):
     """The heuristic weak subnet: keep the smallest-magnitude paths and channels.
 
-    Per layer it keeps the ``keep_count(c, rho)`` channels whose slices of the consuming conv's weight
-    (``weight[:, i]``) have the smallest L1 norm; per block the paths with the smallest
-    ``path_gain``. Deterministic given the weights; recomputed from the current weights each call.
+    Per layer it keeps the ``keep_count(c, rho)`` channels whose weights in the consuming module
+    (``input_norms``: every weight that reads the channel) have the smallest L1 norm; per block the
+    paths with the smallest ``path_gain``. Deterministic given the weights; recomputed from the
+    current weights each call.
     """
+
+    @staticmethod
+    def input_norms(module: torch.nn.Module) -> torch.Tensor:
+        """L1 norm of the weights reading each input channel of ``module`` (a conv or a linear).
+
+        Plain conv or linear: ``weight[:, i]``. Grouped conv (``groups`` g, weight of shape
+        C_out x C_in/g x k...): channel i is in group i // (C_in/g), read by that group's C_out/g
+        output rows only, as their column i % (C_in/g); depthwise (g = C_in) is a single kernel per
+        channel. Transposed conv (weight C_in x C_out/g x k...): ``weight[i]``.
+        """
+        w = module.weight.detach().abs()
+        if isinstance(module, torch.nn.modules.conv._ConvTransposeNd):
+            return w.flatten(1).sum(1)
+        groups = getattr(module, "groups", 1)
+        return w.reshape(groups, w.shape[0] // groups, w.shape[1], -1).sum(dim=(1, 3)).flatten()
 
     def sample(self) -> Subnet:
         paths, channels = [], []
         for block in self.space.blocks:
             kept = _smallest([path_gain(p) for p in block.paths], keep_count(len(block.paths), self.rho))
             paths.append(kept)
-            channels.append(tuple(
-                tuple(
-                    _smallest(l.module.weight.detach().abs().transpose(0, 1).flatten(1).sum(1).tolist(),
-                              keep_count(l.channels, self.rho))
-                    for l in block.paths[p].layers
-                )
-                for p in kept
-            ))
-        return Subnet(tuple(paths), tuple(channels))
+            per_path = []
+            for p in kept:
+                layers = []
+                for l in block.paths[p].layers:
+                    norms = self.input_norms(l.module)
+                    if len(norms) != l.channels:
+                        raise AdvewsError(f"{l.name}: its weight ranks {len(norms)} input channels, the space has "
+                                          f"{l.channels}; L1Search cannot rank a {type(l.module).__name__}")
+                    layers.append(_smallest(norms.tolist(), keep_count(l.channels, self.rho)))
+                per_path.append(tuple(layers))
+            channels.append(tuple(per_path))
+        alpha = Subnet(tuple(paths), tuple(channels))
+        alpha.check(self.space, self.rho)
+        return alpha
 
     def update(self, score: Score) -> Dict[str, float]:
         acc = _accuracies(score, [self.sample()])
