@@ -249,12 +249,12 @@ def run_both(recipe, ews, bindings=()):
                                          y, draws, lr, cfg)
     diffs = {"loss": abs(loss - ref_loss)}
     diffs["grad"] = max(float((a - b).abs().max()) for a, b in zip(grads, ref_grads))
-    diffs["weights"] = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), reference.parameters()))
+    diffs["weights"] = max(float((a - b).detach().abs().max()) for a, b in zip(model.parameters(), reference.parameters()))
     if ews:  # Adam's first step moves every parameter by ~lr whatever the gradient's size: compare both
         ours, theirs = list(ctrl.named_parameters()), dict(controller_init.named_parameters())
         if [n for n, _ in ours] != list(theirs):  # another objective has other heads
             return {**diffs, "controller": float("inf")}
-        diffs["controller"] = max(float((p - theirs[n]).abs().max()) for n, p in ours)
+        diffs["controller"] = max(float((p - theirs[n]).detach().abs().max()) for n, p in ours)
         diffs["controller_grad"] = max(float((p.grad - theirs[n].grad).abs().max())
                                        for n, p in ours if p.grad is not None)
     return diffs
