@@ -131,6 +131,12 @@ TRAIN = [
     train("T61", ("--output", "r_dir", "--resume"), "r_dir/last.pt", forbid="not found"),
     train("T62", ("--output", "r_flip", "--resume"), "r_flip/last.pt"),
     train("T63", ("--bogus",), "--bogus"),
+    train("T64", Q + gp("data.crop_fill = 300") + out("T64"), "crop_fill", "300"),
+    train("T65", Q + gp("data.crop_fill = 128") + out("T65"), "crop_fill", "mnist5k"),
+    train("T66", QE + gp("ControllerSearch.objective = 'approx'") + out("T66"), "objective", "'approx'"),
+    train("T67", QE + gp("ControllerSearch.baseline = 'mean'") + out("T67"), "baseline", "'mean'"),
+    train("T68", QE + gp("EWS.interval_each_epoch = 'yes'") + out("T68"), "interval_each_epoch", "'yes'"),
+    train("T69", Q + gp("AT.final_forward = 1") + out("T69"), "final_forward", "1"),
 ]
 
 EVAL = [

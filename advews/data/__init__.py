@@ -100,6 +100,7 @@ def load_data(
     spec = get_dataset(dataset)
     train_augment = spec.augment if augment else None
     if crop_fill != 0 or not isinstance(crop_fill, int):
+        RandomCropFlip(fill=crop_fill)  # the value's own one-line error comes before the dataset's
         if not isinstance(spec.augment, RandomCropFlip):
             raise AdvewsError(f"data.crop_fill needs a dataset with a crop augmentation (cifar10, cifar100), not {dataset}")
         fill = RandomCropFlip(spec.augment.padding, spec.augment.flip, fill=crop_fill)
