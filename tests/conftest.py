@@ -1,3 +1,5 @@
+import os
+
 import gin
 import pytest
 import torch
@@ -19,3 +21,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> str:
+    """Shared by the bad-input suites (tests/test_bad_input*.py), which prove they change nothing in it:
+    a working directory holding a tiny trained run and every bad file the table names."""
+    from bad_input_world import make_files
+
+    from advews.cli.train import main as train_main
+
+    root = str(tmp_path_factory.mktemp("bad_input"))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        params = ["data.dataset = 'mnist5k'", "model.arch = 'small_preact_resnet'", "optimizer.name = 'adam'",
+                  "schedule.name = 'constant'", "train.defense = 'AT'", "train.epochs = 1", "train.batch_size = 64",
+                  "AT.eps = 0.3", "AT.step_size = 0.3", "AT.steps = 1", "train.val_steps = 1",
+                  "data.train_limit = 128", "data.val_size = 64"]
+        argv = ["--quiet", "--output", "run"]
+        for p in params:
+            argv += ["--gin-param", p]
+        assert train_main(argv) == 0
+        make_files(root)
+    finally:
+        os.chdir(cwd)
+    return root

@@ -21,7 +21,7 @@ from typing import Callable, Tuple, Union
 
 import pytest
 import torch
-from bad_input_world import make_files, snapshot
+from bad_input_world import snapshot
 
 from advews.cli.eval import main as eval_main
 from advews.cli.train import main as train_main
@@ -295,27 +295,6 @@ SUBPROCESS = ("E14", "E43", "E59", "T35", "E06")  # the same rows end to end, as
 
 def _id(case) -> str:
     return (case.values[0] if hasattr(case, "values") else case).id
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> str:
-    """A working directory holding a tiny trained run and every bad file the table names."""
-    root = str(tmp_path_factory.mktemp("bad_input"))
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        params = ["data.dataset = 'mnist5k'", "model.arch = 'small_preact_resnet'", "optimizer.name = 'adam'",
-                  "schedule.name = 'constant'", "train.defense = 'AT'", "train.epochs = 1", "train.batch_size = 64",
-                  "AT.eps = 0.3", "AT.step_size = 0.3", "AT.steps = 1", "train.val_steps = 1",
-                  "data.train_limit = 128", "data.val_size = 64"]
-        argv = ["--quiet", "--output", "run"]
-        for p in params:
-            argv += ["--gin-param", p]
-        assert train_main(argv) == 0
-        make_files(root)
-    finally:
-        os.chdir(cwd)
-    return root
 
 
 QUIET_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
