@@ -1,8 +1,9 @@
 """advews: robust training with Enhancing Weak Subnets (EWS) as a mixin on every defense.
 
 The Python API mirrors the CLIs: ``advews.train`` (advews-train), ``advews.load_model``,
-``advews.evaluate`` and ``advews.analyze_subnets`` (advews-eval). They are imported on first use, so
-``import advews`` stays fast and does not import torch."""
+``advews.evaluate``, ``advews.analyze_subnets`` and ``advews.audit`` (advews-eval). They are imported on first use, so
+``import advews`` stays fast and does not import torch. Each checks its arguments and raises
+``AdvewsError`` with a one-line message (``advews.api.arguments``)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ _LAZY = {
     "load_model": "advews.api.models",
     "evaluate": "advews.api.evaluate",
     "analyze_subnets": "advews.api.subnets",
+    "audit": "advews.api.audit",
 }
 
 __all__ = ["AdvewsError", "__version__", *_LAZY]

@@ -40,8 +40,11 @@ class Lock:
             os.close(fd)
             who = f"pid {holder}" if holder else "another process"
             raise AdvewsError(f"{self.what} is in use by another advews process ({who}); {self.advice}") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:  # a full disk: the lock holds all the same, a refusal just names no pid
+            pass
         self._fd = fd
         return self
 

@@ -141,3 +141,47 @@ def test_bad_options_are_one_line_errors(setup, kwargs, needle):
     with pytest.raises(AdvewsError, match=needle) as err:
         run_autoattack(model, x, y, **{"eps": EPS, "norm": "Linf", **kwargs})
     assert "\n" not in str(err.value)
+
+
+def _linear(classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, classes)).eval()
+
+
+def test_targeted_attacks_use_at_most_classes_minus_one_targets():
+    """fra31/auto-attack#110: pyautoattack's 9 targets fail below 10 classes; advews uses min(9, C - 1)."""
+    from advews.attacks.autoattack import run_autoattack
+
+    model = _linear(5)
+    x = torch.rand(6, 1, 4, 4)
+    y = model(x).argmax(1)
+    res = run_autoattack(model, x, y, eps=0.05, norm="Linf", version="custom", attacks=["apgd-t", "fab-t"],
+                         batch_size=6)
+    assert [s["attack"] for s in res["stages"]] == ["apgd-t", "fab-t"] and res["clean_acc"] == 1.0
+
+
+@pytest.mark.parametrize("classes, cascade, needle", [(3, None, "apgd-t need at least 4 classes"),
+                                                      (2, ["apgd-dlr"], "apgd-dlr need at least 3 classes")])
+def test_dlr_below_its_class_count_is_refused(classes, cascade, needle):
+    from advews.attacks.autoattack import run_autoattack
+
+    model = _linear(classes)
+    x = torch.rand(4, 1, 4, 4)
+    with pytest.raises(AdvewsError, match=needle):
+        run_autoattack(model, x, model(x).argmax(1), eps=0.05, norm="Linf",
+                       version="custom" if cascade else "standard", attacks=cascade, batch_size=4)
+
+
+def test_randomized_model_needs_the_rand_version():
+    from advews.attacks.autoattack import run_autoattack
+
+    inner = _linear(10)
+    noisy = torch.nn.Sequential(_Noise(), inner).eval()
+    x = torch.rand(4, 1, 4, 4)
+    with pytest.raises(AdvewsError, match="randomized.*--version rand"):
+        run_autoattack(noisy, x, inner(x).argmax(1), eps=0.05, norm="Linf", batch_size=4)
+
+
+class _Noise(torch.nn.Module):
+    def forward(self, x):
+        return (x + 0.2 * torch.randn_like(x)).clamp(0, 1)

@@ -343,17 +343,24 @@ def check_outcome(case: Bad, result: object, err: str) -> None:
         assert case.forbid not in lines[0], f"{case.id}: unclear message {lines[0]!r}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=_id)
-def test_bad_input_is_one_line_and_changes_nothing(case: Bad, world: str, monkeypatch, capfd) -> None:
-    monkeypatch.chdir(world)
+def check_row(case: Bad, where: str, monkeypatch, capfd, run=None) -> object:
+    """Run one row in the directory ``where`` (``run``: how, default ``run_case``) and assert its
+    outcome and that nothing there changed; returns the result (exit code or AdvewsError)."""
+    monkeypatch.chdir(where)
     monkeypatch.setattr(sys, "path", list(sys.path))  # --model and gin imports add the working directory
     capfd.readouterr()
-    before = snapshot(world)
-    result, err = run_case(case, capfd)
-    after = snapshot(world)
+    before = snapshot(where)
+    result, err = (run or run_case)(case, capfd)
+    after = snapshot(where)
     check_outcome(case, result, err)
     assert after == before, f"{case.id} changed files: " + ", ".join(
         sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)))
+    return result
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_bad_input_is_one_line_and_changes_nothing(case: Bad, world: str, monkeypatch, capfd) -> None:
+    check_row(case, world, monkeypatch, capfd)
 
 
 @pytest.mark.parametrize("case_id", SUBPROCESS)

@@ -49,7 +49,7 @@ def test_ews_ranks_stay_in_lockstep(tmp_path):
         assert k0 == k1 and torch.equal(v0, v1), k0
     controllers = [v for k, v in rank0 if k == "controller"]
     assert not torch.equal(controllers[0], controllers[-1])  # the controller did learn
-    assert sorted(os.listdir(tmp_path / "run")) == ["best.pt", "config.gin", "last.pt", "metrics.jsonl"]
+    assert sorted(os.listdir(tmp_path / "run")) == [".lock", "best.pt", "config.gin", "last.pt", "metrics.jsonl"]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 

@@ -222,3 +222,32 @@ def test_console_script(runs):
                          text=True, timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "advews-report: error: unknown format 'xml'; choose one of md, csv, latex"
+
+
+def _card(flags):
+    rows = [{"indicator": name, "flagged": name in flags, "figures": {}, "finding": "", "meaning": ""}
+            for name in ("gradients", "unbounded", "noise")]
+    return {"format": "advews-audit/1", "verdict": "x", "indicators": rows, "clean_acc": 0.9, "robust_acc": 0.4}
+
+
+def test_audit_verdict_column(tmp_path):
+    """The verdict of each run's audit card (advews-eval --audit) is a column: pass, or the flags and
+    how many of the audited seeds raised them; runs without a card leave the column out."""
+    at = [make_run(tmp_path, f"at{s}", s) for s in range(3)]
+    ews = [make_run(tmp_path, f"ews{s}", s, "AT_EWS", rho=0.9) for s in range(3)]
+    for i, d in enumerate(at):
+        (tmp_path / f"at{i}" / "audit.json").write_text(json.dumps(_card([])))
+    for i, flags in enumerate([["gradients"], [], ["gradients", "noise"]]):
+        (tmp_path / f"ews{i}" / "audit.json").write_text(json.dumps(_card(flags)))
+    text = report(at + ews, metrics=["PGD-20"])
+    header, _, at_row, ews_row = text.splitlines()[:4]
+    assert header.startswith("| method | seeds | audit | PGD-20 |")
+    assert "| pass |" in at_row
+    assert "FLAG gradients 2/3, noise 1/3" in ews_row
+    (tmp_path / "ews2" / "audit.json").unlink()
+    assert "FLAG gradients 1/2" in report(at + ews, metrics=["PGD-20"]).splitlines()[3]
+    plain = [make_run(tmp_path, f"p{s}", s) for s in range(2)]
+    assert "audit" not in report(plain, metrics=["PGD-20"]).splitlines()[0]
+    (tmp_path / "p0" / "audit.json").write_text(json.dumps({"format": "advews-audit/1", "indicators": 3}))
+    with pytest.raises(Exception, match="audit card whose indicators"):
+        report(plain, metrics=["PGD-20"])

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from advews.attacks.autoattack import AA_ATTACKS
 from advews.attacks.zoo import ZOO
@@ -151,29 +150,6 @@ def _check_state(path: str) -> None:
     from advews.api.eval_state import read_state
 
     read_state(path)
-
-
-def write_or_fallback(path: str, flag: str, write: Callable[[str], None]) -> Tuple[str, Optional[str]]:
-    """Write with ``write(path)``; if that fails, write to a new file in the current folder (else the
-    temporary one) instead. Returns where the result went and, after a failure, the line that says so."""
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write(path)
-        return path, None
-    except OSError as error:
-        reason = error.strerror or str(error)
-    suffix = os.path.splitext(path)[1]
-    for folder in (os.getcwd(), tempfile.gettempdir()):
-        try:
-            fd, fallback = tempfile.mkstemp(prefix=f"advews-eval-{time.strftime('%Y%m%d-%H%M%S')}-",
-                                            suffix=suffix, dir=folder)
-            os.close(fd)
-            write(fallback)
-        except OSError:
-            continue
-        return fallback, f"could not write {flag} {path} ({reason}); the result was saved to {fallback} instead"
-    raise AdvewsError(f"could not write {flag} {path} ({reason}), nor a fallback in {os.getcwd()} or "
-                      f"{tempfile.gettempdir()}; the result is only in the report above")
 
 
 def check_checkpoint(path: str, state: Dict[str, Any]) -> None:

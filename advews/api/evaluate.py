@@ -15,11 +15,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from advews.api.checks import autoattack_cascade, check_flags, check_outputs, parse_attacks, write_or_fallback
+from advews.api.arguments import check_arguments, public
+from advews.api.checks import autoattack_cascade, check_flags, check_outputs, parse_attacks
+from advews.api.eval_state import DiskFullLine, write_result
 from advews.api.models import Facts, PathArg, arch_model, checkpoint_model, facts, module_model
 from advews.api.options import EvalOptions, comma_list
 from advews.api.sources import check_model_source, corruption_cache, load_eval_data
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, DiskFullError
 from advews.evaluation.checks import check_eval_data
 from advews.evaluation.robust import correct_flags
 from advews.evaluation.worst_case import worst_case
@@ -158,7 +160,7 @@ def run_evaluation(args: EvalOptions, model: Optional[nn.Module] = None) -> Tupl
 
         labels = torch.cat([y for _, y in run.data.batches(args.batch_size)])
         attrs = {"seed": args.seed, **run.info, **{k: result[k] for k in ("attack", "n_examples")}}
-        result["hdf5"], failure = write_or_fallback(args.hdf5, "--hdf5", lambda path: save_per_example(
+        result["hdf5"], failure = write_result(args.hdf5, "--hdf5", lambda path: save_per_example(
             path, labels=labels, clean=clean, robust=robust, params=run.params, stages=stages, attrs=attrs))
         failed += [failure] if failure else []
     return result, failed
@@ -217,7 +219,7 @@ def fraction(flags: torch.Tensor) -> float:
 
 
 def write_json(path: Optional[str], result: Dict[str, Any]) -> List[str]:
-    """Write --output (if given); a failure writes a fallback file and returns the line saying where."""
+    """Write --output (if given) atomically; a failure writes a fallback file and returns the line saying where."""
     if not path:
         return []
 
@@ -225,14 +227,14 @@ def write_json(path: Optional[str], result: Dict[str, Any]) -> List[str]:
         with open(target, "w") as f:
             json.dump(result, f, indent=2)
 
-    _, failure = write_or_fallback(path, "--output", write)
+    _, failure = write_result(path, "--output", write)
     return [failure] if failure else []
 
 
 def report_failures(failed: List[str]) -> None:
-    """Refuse (one line) when a result had to go to a fallback file."""
+    """Refuse (one line) when a result had to go to a fallback file; exit 4 when the disk was full."""
     if failed:
-        raise AdvewsError("; ".join(failed))
+        raise (DiskFullError if any(isinstance(f, DiskFullLine) for f in failed) else AdvewsError)("; ".join(failed))
 
 
 def split_model(model: ModelArg) -> Tuple[Optional[str], Optional[nn.Module]]:
@@ -240,6 +242,7 @@ def split_model(model: ModelArg) -> Tuple[Optional[str], Optional[nn.Module]]:
     return (None, model) if isinstance(model, nn.Module) else (os.fspath(model), None)
 
 
+@public
 def evaluate(
     model: ModelArg,
     data: Optional[str] = None,
@@ -276,6 +279,7 @@ def evaluate(
     with the CLI's one-line message, also when --output or --hdf5 had to go to a fallback file (the
     message names it). Under torchrun each rank evaluates its shard and every rank returns the merged
     result (rank 0 writes the files)."""
+    check_arguments("evaluate", locals())
     checkpoint, module = split_model(model)
     args = EvalOptions(checkpoint=checkpoint, attack=comma_list(attacks), eps=eps, steps=steps, step_size=step_size,
                        norm=norm, restarts=restarts, n_examples=n_examples, batch_size=batch_size, data=data,

@@ -11,6 +11,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from advews.api.arguments import check_arguments, public
 from advews.api.checks import check_checkpoint, checkpoint_image_shape
 from advews.api.options import EvalOptions
 from advews.api.sources import DATA_FORMS, check_model_source, dataset_args, external_defaults, load_eval_data
@@ -41,6 +42,7 @@ def _attach(model: nn.Module, known: Facts) -> nn.Module:
     return model
 
 
+@public
 def load_model(
     path: Optional[PathArg] = None,
     *,
@@ -59,6 +61,7 @@ def load_model(
     ``source`` and ``image_shape`` (see ``Facts``), which ``evaluate`` takes its defaults from.
     ``weights_from``: a checkpoint's 'ema' or 'live' weights (like --weights-from; default its EMA's
     when it has one)."""
+    check_arguments("load_model", locals())
     from advews.engine.trainer import resolve_device
 
     path, weights = (None if p is None else os.fspath(p) for p in (path, weights))
@@ -76,30 +79,42 @@ def load_model(
 
 def checkpoint_model(path: str, device: torch.device, weights_from: Optional[str] = None) -> nn.Module:
     """An advews checkpoint or export, checked before its weights (``engine.ema.select_weights``:
-    ``weights_from``, default the EMA's when it has one) are built into the model."""
+    ``weights_from``, default the EMA's when it has one) are built into the model: the types of
+    what it records, and weights that fit its model_spec, are finite and never divide by a zero std
+    (``engine.model_check``), each refused in one line. data_spec keys unknown to this advews are
+    dropped with a warning that names them."""
     from advews.engine.checkpoint import load_checkpoint
     from advews.engine.ema import select_weights
     from advews.engine.export import is_export, load_export
+    from advews.engine.model_check import check_state_types, check_weights
     from advews.models import build_model
 
     state = (load_export(path, map_location=device) if is_export(path)
              else load_checkpoint(path, map_location=device))
+    data_spec = check_state_types(path, state)  # before check_checkpoint, which assumes the types
     check_checkpoint(path, state)
-    model = build_model(state["model_spec"])
     weights, which = select_weights(state, weights_from, path)
-    model.load_state_dict(weights)
+    check_weights(path, state["model_spec"], weights)  # fits the model, finite, std > 0
+    model = build_model(state["model_spec"])
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # what check_weights cannot foresee (a module's own load hook)
+        raise AdvewsError(f"{path}: its weights do not load into its model_spec "
+                          f"({' '.join(str(e).split())[:300]})") from None
     return _attach(model.to(device).eval(), Facts(
         {"checkpoint": path, "epoch": state.get("epoch"), "weights": which}, state.get("threat_model") or {},
-        state.get("data_spec") or {}, checkpoint_image_shape(state)))
+        data_spec, checkpoint_image_shape({**state, "data_spec": data_spec})))
 
 
 def arch_model(args: EvalOptions, in_channels: int) -> nn.Module:
     """--arch with --weights: normalisation and classes from the flags, else from --data dataset:NAME."""
+    from advews.engine.model_check import check_finite_module
     from advews.models.external import load_external
 
     normalization, num_classes = external_defaults(args.data, args.normalization, args.num_classes)
     model = load_external(args.arch, args.weights, num_classes=num_classes, in_channels=in_channels,
                           normalization=normalization)
+    check_finite_module(args.weights, model)
     source = {"arch": args.arch, "weights": args.weights, "normalization": normalization, "num_classes": num_classes}
     data_spec = dataset_args(args.data) if args.data.startswith("dataset:") else {}
     return _attach(model, Facts(source, {}, data_spec, None))

@@ -68,6 +68,14 @@ class EvalOptions:
     merge: Optional[List[str]] = None
     perturbations: Optional[str] = None
     perturbation_baseline: Optional[str] = None
+    audit: bool = False
+    audit_indicators: Optional[str] = None
+    audit_sweep: str = "0,0.25,0.5,1,2"
+    best_of: int = 10
+    eot: int = 20
+    square_queries: int = 5000
+    surrogate: Optional[str] = None
+    bpda: Optional[str] = None
 
 
 DEFAULTS: Dict[str, Any] = {f.name: f.default for f in dataclasses.fields(EvalOptions)}

@@ -9,13 +9,14 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 
-from advews.api.checks import write_or_fallback
-from advews.api.eval_state import read_state, unpack
+from advews.api.eval_state import first_difference, read_state, unpack, write_result
 from advews.api.precision_check import precision_summary
 from advews.errors import AdvewsError
 from advews.evaluation.worst_case import worst_case
 
-SAME = ("identity", "shards", "info", "threat")  # what every shard of one evaluation shares
+# What every shard of one evaluation shares. Not ``info`` (how the model was named: ``./G.pt`` and
+# ``G.pt`` are one model, which the identity's weight hash decides); the merged report uses shard 0's.
+SAME = ("identity", "shards", "threat")
 
 
 def fraction(flags: torch.Tensor) -> float:
@@ -28,7 +29,8 @@ def _check_shards(records: Sequence[Dict[str, Any]], where: Sequence[str], parti
     for record, name in zip(records[1:], where[1:]):
         for key in SAME:
             if record.get(key) != first.get(key):
-                raise AdvewsError(f"{name} belongs to another evaluation than {where[0]} ({key} differs); "
+                differs = first_difference(first.get(key), record.get(key)) if key == "identity" else key
+                raise AdvewsError(f"{name} belongs to another evaluation than {where[0]} ({differs} differs); "
                                   "merge the state files of one run")
     for record, name in zip(records, where):
         missing = [a for a in first["identity"]["params"] if a not in record.get("attacks", {})]
@@ -127,6 +129,6 @@ def write_hdf5(path: str, result: Dict[str, Any], flags: Dict[str, Any]) -> Tupl
     from advews.evaluation.per_example import save_per_example
 
     attrs = {"seed": flags["seed"], **flags["info"], "attack": result["attack"], "n_examples": result["n_examples"]}
-    return write_or_fallback(path, "--hdf5", lambda target: save_per_example(
+    return write_result(path, "--hdf5", lambda target: save_per_example(
         target, labels=flags["labels"], clean=flags["clean"], robust=flags["robust"], params=flags["params"],
         stages=flags["stages"], attrs=attrs))

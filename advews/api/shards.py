@@ -27,10 +27,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from advews.api.eval_state import STATE_FORMAT, pack, resume_or_new, shard_path, write_state
+from advews.api.eval_state import STATE_FORMAT, claim, pack, shard_path, write_state
 from advews.api.options import EvalOptions
 from advews.api.precision_check import attack_flags
 from advews.api.shard_merge import merge_records
+from advews.data.fingerprint import tensor_fingerprint
 from advews.errors import AdvewsError
 from advews.evaluation.robust import correct_flags
 
@@ -126,8 +127,9 @@ def run_sharded(args: EvalOptions, model: Optional[nn.Module], prepare: Callable
         perturbations = flip_rates(run.model, opened, batch_size=args.batch_size, device=run.device)
     total = len(run.data)
     start, stop = shard_bounds(total, place.shards, place.shard, args.batch_size if args.fixed_batches else None)
+    whole = evaluation_fingerprint(run.data, args.batch_size)
     run = dataclasses.replace(run, data=run.data.subset(torch.arange(start, stop)))
-    record = evaluate_shard(args, run, place, (start, stop), total, state)
+    record = evaluate_shard(args, run, place, (start, stop), (total, whole), state)
     if place.torchrun:
         from advews.collectives import all_gather_object
 
@@ -163,24 +165,66 @@ def shard_device(args: EvalOptions) -> str:
     return args.device
 
 
-def evaluate_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int, int], total: int,
+def evaluation_fingerprint(data: Any, batch_size: int) -> str:
+    """SHA-256 of the content of all the evaluated examples and labels, as selected (--data and
+    --n-examples): every shard's identity holds it, so shards of other data are never merged."""
+    images, labels = getattr(data, "images", None), getattr(data, "labels", None)
+    if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):  # in memory: the stored bytes
+        return tensor_fingerprint([images, labels])
+    return tensor_fingerprint(t for batch in data.batches(batch_size) for t in batch)
+
+
+def evaluate_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int, int], whole: Tuple[int, str],
                    state: Optional[str]) -> Dict[str, Any]:
     """The shard's record (see advews.api.eval_state): clean flags, then each attack, saved to
-    ``state`` after every batch or AutoAttack stage, skipping what a previous run saved."""
-    from advews.attacks.autoattack import _fingerprint
-
+    ``state`` after every batch or AutoAttack stage, skipping what a previous run saved. ``whole``:
+    the number of examples of the whole evaluation and the fingerprint of their content. The state
+    file is locked for the whole shard."""
     xs, ys = zip(*run.data.batches(args.batch_size))
     x, y = torch.cat(xs), torch.cat(ys)
     identity = {
         "attack": run.attack_spec, "params": run.params, "seed": args.seed, "batch_size": args.batch_size,
-        "amp": args.amp, "n_examples": total, "layout": FIXED_LAYOUT if args.fixed_batches else LAYOUT,
-        "model": _fingerprint(run.model.state_dict().values()),
+        "amp": args.amp, "n_examples": whole[0], "layout": FIXED_LAYOUT if args.fixed_batches else LAYOUT,
+        "model": tensor_fingerprint(list(run.model.state_dict().values())), "data": whole[1],
         **({"amp_fp32_reattack": True} if args.amp else {}),  # earlier --amp states lack the re-attack
     }
     fresh = {"format": STATE_FORMAT, "identity": identity, "shard": place.shard, "shards": place.shards,
-             "start": bounds[0], "stop": bounds[1], "data": _fingerprint([x, y]), "info": run.info,
+             "start": bounds[0], "stop": bounds[1], "data": tensor_fingerprint([x, y]), "info": run.info,
              "threat": list(run.threat), "labels": y.tolist(), "attacks": {}, "progress": {}}
-    record = resume_or_new(state, fresh)
+    record, lock = _claim_everywhere(state, fresh, place)
+    try:
+        return _run_shard(args, run, place, bounds, state, record, x, y)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_everywhere(state: Optional[str], fresh: Dict[str, Any], place: World):
+    """``claim`` on every rank; under torchrun a refusal on any rank stops all of them (none waits for
+    the others' records forever) and only rank 0 prints it."""
+    if not place.torchrun:
+        return claim(state, fresh)
+    from advews.collectives import all_gather_object
+
+    got, refusal = (fresh, None), None
+    try:
+        got = claim(state, fresh)
+    except AdvewsError as error:
+        refusal = (str(error), getattr(error, "exit_code", 2))
+    refusals = [r for r in all_gather_object(refusal) if r]
+    if refusals:
+        if got[1] is not None:
+            got[1].release()
+        error = AdvewsError(refusals[0][0])
+        error.exit_code = refusals[0][1]
+        error.main_rank = place.shard == 0  # advews-eval prints it on rank 0 only
+        raise error
+    return got
+
+
+def _run_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int, int], state: Optional[str],
+               record: Dict[str, Any], x: torch.Tensor, y: torch.Tensor) -> Dict[str, Any]:
+    """Clean flags, then each attack not yet in ``record``, saved to ``state`` as they finish."""
     say = _logger(place)
 
     def save() -> None:

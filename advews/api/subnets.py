@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from advews.api.arguments import check_arguments, public
 from advews.api.evaluate import ModelArg, prepare, report_failures, split_model, write_json
 from advews.api.models import facts
 from advews.api.options import EvalOptions, comma_list
@@ -79,6 +80,7 @@ def figure_failure(error: OSError, output: Optional[str]) -> str:
             + (" and in --output" if output else ""))
 
 
+@public
 def analyze_subnets(
     model: ModelArg,
     data: Optional[str] = None,
@@ -109,6 +111,7 @@ def analyze_subnets(
     and ``bn_modes`` also as lists) and the result is the dict --output would hold. ``model`` as for
     ``evaluate``. Figures are drawn only when ``figures`` names a stem (``runs/x/subnets`` gives
     runs/x/subnets_fig1.png and _fig7.png). Raises AdvewsError with the CLI's one-line message."""
+    check_arguments("analyze_subnets", locals())
     checkpoint, module = split_model(model)
     args = EvalOptions(checkpoint=checkpoint, attack=attack, eps=eps, steps=steps, step_size=step_size, norm=norm,
                        restarts=restarts, n_examples=n_examples, batch_size=batch_size, data=data, seed=seed,

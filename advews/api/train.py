@@ -4,8 +4,11 @@
 bindings may add to it); a setting that differs from the checkpoint's is refused unless it may
 change within a run (``engine.resume.MAY_CHANGE``: train.epochs, the device, compilation,
 checkpoint cadence, data location) or ``override`` is given (never for the model, defense, data or
-batch size). With no last.pt yet, ``resume`` starts from scratch. A run that cannot start removes
-the directories it created.
+batch size) nor for the training data, whose fingerprint every checkpoint holds. With no last.pt
+yet, ``resume`` starts from scratch; with best.pt or metrics.jsonl but no last.pt it is refused.
+One process trains in a run directory at a time (``engine.rundir``: a lock on ``RUN_DIR/.lock``); a
+second is refused in one line naming the holder's pid. A run that cannot start removes the
+directories it created.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from advews.api.arguments import public, train_arguments
 from advews.api.config import parse_gin
 from advews.errors import AdvewsError
 
@@ -46,6 +50,7 @@ def configure(gin_files: Sequence[str], bindings: Sequence[str], output_dir: Opt
     return resuming.check_changes(old, resuming.current_bindings(), override, output_dir)
 
 
+@public
 def train(
     gin_files: Sequence[str] = (),
     bindings: Optional[Sequence[str]] = None,
@@ -58,6 +63,7 @@ def train(
     as ``"train.epochs = 5"``; returns the last metrics row plus ``run_dir``. ``output_dir`` None:
     ``runs/<recipe>-<time>``. Raises ``AdvewsError`` (``exit_code`` 3 when training diverged) and
     ``engine.preemption.Preempted`` after a SIGTERM/SIGUSR1 saved a resumable checkpoint."""
+    gin_files, bindings, output_dir = train_arguments(gin_files, bindings, output_dir, resume, override, quiet)
     from advews.engine.preemption import Preempted
     from advews.engine.resume import show_value
     from advews.engine.trainer import Trainer
@@ -67,6 +73,10 @@ def train(
         raise AdvewsError("--resume needs --output DIR naming the run to continue")
     if override and not resume:
         raise AdvewsError("--override only applies to --resume (a new run takes its settings as given)")
+    if output_dir is not None:  # in use, a run to resume or not: said before the config is compared
+        from advews.engine.rundir import check_output_dir, holds_checkpoint
+
+        check_output_dir(output_dir, resume, resume and holds_checkpoint(output_dir))
     if os.getcwd() not in sys.path:  # a gin file's `import my_defense` finds the user's own file
         sys.path.insert(0, os.getcwd())
     overrides = configure(gin_files, bindings, output_dir, resume, override)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from advews.attacks.base import frozen
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, disk_full, is_disk_full, remove_quietly
+from advews.locks import tmp_name
 
 AA_ATTACKS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 VERSIONS = ("standard", "plus", "rand", "custom", "fast")
@@ -94,6 +95,10 @@ def run_autoattack(
         aa = AutoAttack(attacked, eps=eps, norm=norm, version="standard" if version == "fast" else version,
                         device=device, seed=seed, attacks=list(attacks) if version == "custom" else None)
         cascade: List[str] = list(FAST_CASCADE) if version == "fast" else list(aa.attacks_to_run)
+        classes = fit_classes(aa, model, x[:1].to(device), cascade)
+        if version != "rand" and randomized(model, x[:batch_size].to(device)):
+            raise AdvewsError("the model is randomized (two eval-mode forward passes disagree): a single pass per "
+                              "point inflates AutoAttack; use --version rand (EoT) or advews-eval --audit")
         identity = {"eps": eps, "norm": norm, "version": version, "attacks": cascade, "seed": seed,
                     "n": len(y), "data": _fingerprint([x, y]), "model": _fingerprint(model.state_dict().values()),
                     "amp": amp, **({"fixed_batches": True} if fixed_batches else {}),
@@ -104,6 +109,7 @@ def run_autoattack(
             aa32 = AutoAttack(model, eps=eps, norm=norm, version="standard" if version == "fast" else version,
                               device=device, seed=seed, attacks=list(attacks) if version == "custom" else None)
             plan += [(name + FP32_SUFFIX, name, aa32) for name in cascade]
+            fit_classes(aa32, model, x[:1].to(device), cascade, classes)
         done = _check_state(store.load(), identity, store.name) if store else []
         clean = _correct(model, x, y, batch_size, device)
         robust = clean.clone()
@@ -201,8 +207,9 @@ class StateIO(Protocol):
 
 
 class FileState:
-    """The resume state as a JSON file of its own, rewritten atomically (an interrupt mid-write keeps
-    the previous stage's file)."""
+    """The resume state as a JSON file of its own, rewritten atomically through a temporary name of
+    this process's own (an interrupt mid-write keeps the previous stage's file), with a content hash
+    so an edited or damaged file is refused (files of earlier versions, without one, are read as before)."""
 
     def __init__(self, path: str):
         self.name = path
@@ -212,15 +219,58 @@ class FileState:
             return None
         try:
             with open(self.name) as f:
-                return json.load(f)
+                state = json.load(f)
         except (OSError, ValueError) as e:
             raise AdvewsError(f"cannot read AutoAttack state {self.name}: {' '.join(str(e).split())}") from None
+        if isinstance(state, dict) and "hash" in state and state["hash"] != _state_hash(state):
+            raise AdvewsError(f"AutoAttack state {self.name} was edited or damaged (its content hash does not "
+                              "match); use another state file or delete it")
+        return state
 
     def save(self, state: Dict[str, Any]) -> None:
-        tmp = f"{self.name}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(state, f)
-        os.replace(tmp, self.name)
+        text = json.dumps({**state, "hash": _state_hash(state)})
+        tmp = tmp_name(self.name)
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self.name)
+        except OSError as e:
+            remove_quietly(tmp)
+            kept = (f"the previous {self.name} is kept with the stages finished before" if os.path.exists(self.name)
+                    else "no stage was saved yet")
+            if is_disk_full(e):
+                raise disk_full(self.name, kept) from None
+            raise AdvewsError(f"cannot write AutoAttack state {self.name}: {e.strerror or e}; {kept}") from None
+
+
+def _state_hash(state: Dict[str, Any]) -> str:
+    """SHA-256 of the state's canonical JSON without its ``hash`` field."""
+    body = {k: v for k, v in state.items() if k != "hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def randomized(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether two eval-mode passes on ``x`` disagree beyond float noise (a stochastic defense)."""
+    with torch.no_grad():
+        a, b = model(x).double(), model(x).double()
+    return bool((a.argmax(1) != b.argmax(1)).any()) or float((a - b).abs().max()) > 1e-4 * (1 + float(a.abs().max()))
+
+
+def fit_classes(aa: Any, model: nn.Module, probe: torch.Tensor, cascade: Sequence[str],
+                classes: Optional[int] = None) -> int:
+    """Targeted attacks use min(9, classes - 1) targets (pyautoattack fixes 9, which fails below 10
+    classes: fra31/auto-attack#110); DLR needs 3 classes and targeted DLR 4 (#70): refused below."""
+    if classes is None:
+        with torch.no_grad():
+            classes = int(model(probe).shape[1])
+    need = {"apgd-dlr": 3, "apgd-t": 4}
+    short = [name for name in cascade if classes < need.get(name, 0)]
+    if short:
+        raise AdvewsError(f"AutoAttack's {', '.join(short)} need at least {max(need[n] for n in short)} classes (the DLR "
+                          f"loss), the model has {classes}; run --version custom --aa-attacks apgd-ce,fab,square")
+    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, classes - 1)
+    aa.fab.n_target_classes = min(aa.fab.n_target_classes, classes - 1)
+    return classes
 
 
 def check_options(*, eps: float, norm: str, version: str, attacks: Optional[Sequence[str]]) -> None:
@@ -313,7 +363,14 @@ def _check_state(state: Optional[Dict[str, Any]], identity: Dict[str, Any], wher
             what = {"data": "other inputs", "model": "other model weights"}.get(key, f"{key}={state.get(key)!r}")
             now = "" if key in ("data", "model") else f", this run has {key}={value!r}"
             raise AdvewsError(f"AutoAttack state {where} was written for {what}{now}; use another state file or delete it")
-    return state["stages"]
+    stages = state.get("stages")
+    if not isinstance(stages, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("attack"), str) and isinstance(s.get("robust"), str)
+            and isinstance(s.get("low_robust", ""), str) and isinstance(s.get("seconds"), (int, float))
+            for s in stages):
+        raise AdvewsError(f"AutoAttack state {where} has malformed stages (edited or damaged); use another state "
+                          "file or delete it")
+    return stages
 
 
 def _state_dict(identity: Dict[str, Any], stages: List[Dict[str, Any]], stage_robust: Dict[str, torch.Tensor],

@@ -18,7 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
         "convert", help="npz/HDF5 of images + labels -> DIR/images.npy + DIR/labels.npy, streamed from disk",
         description="Copy the images (N x H x W x C uint8) and labels of FILE (.npz with keys image/label or "
                     "data/extrapolated_targets, stored or compressed; or the same in .h5/.hdf5) into DIR chunk by "
-                    "chunk, never holding the whole file; then set data.extra_data = 'DIR'.")
+                    "chunk, never holding the whole file; then set data.extra_data = 'DIR'. Both files appear "
+                    "only once both are complete; a rerun replaces an incomplete pair.",
+        epilog="Exit status: 0 converted; 2 bad input or unusable DIR (one line on stderr); 4 the disk is full "
+               "(nothing is left written).")
     c.add_argument("file", help="input .npz, .h5 or .hdf5")
     c.add_argument("dir", help="output directory (created if missing; existing images.npy/labels.npy are refused)")
     c.add_argument("--chunk-mb", type=float, default=DEFAULT_CHUNK_BYTES / 2**20,

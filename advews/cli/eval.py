@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from advews.api.options import (
     AA_ATTACKS,
@@ -27,6 +27,7 @@ from advews.api.options import (
     EvalOptions,
 )
 from advews.cli.common import OneLineParser, run_cli
+from advews.errors import AdvewsError
 
 ATTACK_HELP = (
     "comma-separated attacks, each reported alone and all together as the per-point worst case (a point "
@@ -37,11 +38,18 @@ ATTACK_HELP = (
     "(name attacks explicitly to run both)"
 )
 
+EPILOG = ("exit codes: 0 done; 2 bad input or a refusal (one line on stderr, e.g. a --state file of another "
+          "evaluation, edited, or in use by another advews-eval); 4 the disk (or quota) is full: one line naming "
+          "the file and what is kept (a --state file keeps the work finished before it, and the same command "
+          "resumes once there is space; a result that could not be written went to a fallback file it names, "
+          "no partial file is left); 130 interrupted (Ctrl-C; --state keeps the work finished)")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="advews-eval", description="Evaluate a model's clean and robust accuracy, its corruption error "
-        "or its subnets. The model: exactly one of --checkpoint, --arch with --weights, or --model.")
+        "or its subnets. The model: exactly one of --checkpoint, --arch with --weights, or --model.",
+        epilog=EPILOG)
     p.add_argument("--checkpoint", metavar="PATH",
                    help="a best.pt or last.pt of advews-train, or a directory written by advews-export")
     p.add_argument("--weights-from", choices=WEIGHTS_FROM, help="a checkpoint's weights to evaluate: ema (its "
@@ -88,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"comma-separated from {', '.join(AA_ATTACKS)}")
     p.add_argument("--state", metavar="FILE", help="resume file for every attack: rewritten after every batch "
                    "(AutoAttack: every cascade stage); rerunning the same command skips the work done and gives the "
-                   "same flags (refused for other attacks, parameters, seed, data or model). Sharded runs keep one "
-                   "file per shard: FILE with .shardIofN before its extension")
+                   "same flags (refused for other attacks, parameters, seed, model, or data: the content of the "
+                   "evaluated examples, whatever path names them; refused when edited, as a content hash guards it). "
+                   "One evaluation per file: FILE.lock is held while it runs. Sharded runs keep one file per shard: "
+                   "FILE with .shardIofN before its extension")
     p.add_argument("--amp", choices=AMP, help="run the attacks under autocast in bf16 or fp16, re-check every "
                    "adversarial example in fp32 (a point counts as broken only if the fp32 model misclassifies it), "
                    "then attack the points still robust again in fp32 with the same attack; reports the counts "
@@ -103,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the batch's global index) and AutoAttack keeps each batch's points through its cascade "
                    "(pyautoattack re-packs the robust points into full batches, so its numbers depend on the split)")
     p.add_argument("--merge", nargs="+", metavar="STATE", help="combine the --state files of all shards of one "
-                   "sharded run into its report, --output and --hdf5 (no model is loaded)")
+                   "sharded run into its report, --output and --hdf5 (no model is loaded); refused in one line for shards of "
+                   "another evaluation (other data content, model weights or settings) or an edited state file")
     p.add_argument("--perturbations", metavar="SPEC", help=f"flip rates on {PERTURBATION_SPECS}: flip probability "
                    "and top-5 distance per perturbation (Hendrycks & Dietterich's Table 3), JSON under "
                    "'perturbations'; runs alone unless --attack is given")
@@ -118,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the error with one block thinned at a time; draws the paper's Fig. 1 and Fig. 7 into "
                    "<output stem>_fig1.png and _fig7.png (without --output: subnets_fig1.png and "
                    "subnets_fig7.png next to the checkpoint; PNGs are overwritten)")
+    p.add_argument("--audit", action="store_true", help="run every indicator of attack failure (unbounded "
+                   "attack, eps sweep, convergence, Square and noise after the white-box attacks, transfer, "
+                   "gradients, stochasticity, class count) on --n-examples (default 200) and write the audit "
+                   "card: --output (default audit.json next to the checkpoint) and the same stem .md; "
+                   "resumable with --state, sharded with --shards/--shard and --merge")
+    p.add_argument("--audit-indicators", metavar="LIST", help="the indicators to run (default all: "
+                   "stochasticity,classes,gradients,unbounded,monotone,convergence,black_box,noise,transfer)")
+    p.add_argument("--audit-sweep", metavar="LIST", help="eps fractions of the monotonicity sweep, strictly "
+                   "increasing (default 0,0.25,0.5,1,2)")
+    p.add_argument("--best-of", type=int, metavar="K", help="a randomized model's point counts robust only if "
+                   "correct in all K passes (default 10)")
+    p.add_argument("--eot", type=int, metavar="N", help="gradients averaged per step on a randomized model "
+                   "(default 20, as AutoAttack's rand version)")
+    p.add_argument("--square-queries", type=int, metavar="N", help="Square's query budget in the audit "
+                   "(default 5000, AutoAttack's)")
+    p.add_argument("--surrogate", metavar="PATH", help="a checkpoint or export (e.g. the same architecture "
+                   "trained without the defense) whose PGD examples the audit transfers")
+    p.add_argument("--bpda", metavar="MODULES", help="comma-separated submodules of the model to treat as the "
+                   "identity in the backward pass (BPDA) for the audit's transfer indicator")
     p.add_argument("--rho", type=float, help="subnet width for --analysis subnets (default 0.7)")
     p.add_argument("--n-subnets", type=int, help="subnets drawn per strategy (default 50)")
     p.add_argument("--search", help="comma-separated strategies to analyse")
@@ -143,6 +173,8 @@ def _main(args: EvalOptions) -> int:
     from advews.api.evaluate import prepare, report_failures, run_evaluation, write_json
     from advews.api.extended import needs_extended, run_extended, run_merge
 
+    if args.audit:
+        return _audit(args)
     if args.merge:
         result, failed = run_merge(args)
         print_report(result)
@@ -162,6 +194,26 @@ def _main(args: EvalOptions) -> int:
 
         print(format_table(result["corruptions"]))
     report_failures(failed + write_json(args.output, result))
+    return 0
+
+
+def _audit(args: EvalOptions) -> int:
+    """--audit: the indicators' table and verdict, then the card's files."""
+    from advews.api.audit import audit_from_options
+
+    card, written = audit_from_options(args)
+    if args.shards is not None:
+        print(f"audit shard {args.shard} of {args.shards}: counts saved to {written[0]}; combine the shards with "
+              "advews-eval --audit --merge")
+        return 0
+    print(f"audit of {card.get('checkpoint', 'the model')}: {card['n_examples']} examples, clean "
+          f"{100 * card['clean_acc']:.2f}%, robust (PGD-{card['settings']['steps']}) {100 * card['robust_acc']:.2f}%")
+    for row in card["indicators"]:
+        flag = "n/a" if row["flagged"] is None else "FLAG" if row["flagged"] else "pass"
+        print(f"  {row['indicator']:<14}{flag:<6}{row['finding']}")
+    print(f"verdict: {card['verdict']}")
+    for path in written:
+        print(f"wrote {path}")
     return 0
 
 
@@ -258,9 +310,22 @@ def print_subnet_report(args: EvalOptions, result: Dict[str, Any]) -> None:
               f"{b['name']} {100 * b[kind]['mean']:.1f}%" for b in blocks["blocks"]))
 
 
+def _once(body: Callable[[], int]) -> Callable[[], int]:
+    """``body``, but a refusal every torchrun rank raises alike (``main_rank`` False) is printed by
+    rank 0 only; the other ranks exit with its code silently."""
+    def run() -> int:
+        try:
+            return body()
+        except AdvewsError as error:
+            if getattr(error, "main_rank", True):
+                raise
+            return getattr(error, "exit_code", 2)
+    return run
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_cli("advews-eval", lambda: _main(EvalOptions(**vars(args))))
+    return run_cli("advews-eval", _once(lambda: _main(EvalOptions(**vars(args)))))
 
 
 if __name__ == "__main__":

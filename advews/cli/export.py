@@ -14,7 +14,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="advews-export",
         description="Export an advews checkpoint's model as DIR/model.safetensors and DIR/config.json "
                     "(architecture, options, normalisation, dataset, classes, training threat model, defense). "
-                    "advews-eval --checkpoint DIR and advews.load_model(DIR) load it.")
+                    "config.json also carries the SHA-256 of model.safetensors: advews-eval --checkpoint DIR and "
+                    "advews.load_model(DIR) load it and refuse it if its bytes changed. The model is built and its "
+                    "weights checked before anything is written.",
+        epilog="Exit status: 0 exported; 2 bad input (one line on stderr); 4 the disk is full (nothing is left "
+               "written).")
     p.add_argument("checkpoint", help="a best.pt or last.pt of advews-train")
     p.add_argument("dir", help="output directory (created if missing)")
     p.add_argument("--force", action="store_true", help="overwrite an existing export in DIR")

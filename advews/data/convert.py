@@ -3,8 +3,11 @@ the streamed directory format (``streamed.py``) chunk by chunk, so no step holds
 
 An npz is a zip of .npy members, stored or deflate-compressed: each member is read through
 zipfile's streaming reader (which inflates as it goes), its .npy header parsed, and its bytes
-copied to the output in chunks. Outputs are written under temporary names and renamed only once
-complete, so an interrupted conversion never leaves a directory that looks valid.
+copied to the output in chunks. Both outputs are written under this process's temporary names and
+renamed only once both are complete, so an interrupted conversion never leaves a directory that
+looks valid; one killed between the two renames leaves one of the pair, an incomplete conversion
+that a rerun replaces (a complete pair is never overwritten). A failure removes what it wrote,
+including the directory if it created it; a full disk is exit 4 (``DiskFullError``).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import os
 import zipfile
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 import numpy as np
 
 from advews.data.streamed import IMAGES, LABELS
 from advews.data.unlabeled import HDF5_SUFFIXES, pick_pair
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, disk_full, is_disk_full, remove_quietly
+from advews.locks import is_tmp_of, tmp_name
+from advews.outputs import check_output_dir, make_dirs, remove_dirs
 
 DEFAULT_CHUNK_BYTES = 64 << 20
 _ERRORS = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
@@ -38,37 +43,96 @@ class _Array:
 def convert(source: str, directory: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Tuple[int, ...]:
     """Write ``directory/images.npy`` (N x H x W x C uint8) and ``labels.npy`` from ``source`` (.npz
     with keys image/label or data/extrapolated_targets, or the same in HDF5); returns the images'
-    shape. Refuses to overwrite an existing conversion."""
+    shape. Refuses to overwrite an existing conversion; replaces an incomplete one (one file of the pair)."""
     if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
         raise AdvewsError(f"chunk size must be a positive number of bytes, got {chunk_bytes}")
     if not os.path.isfile(source):
         raise AdvewsError(f"no such file: {source}")
     targets = [os.path.join(directory, name) for name in (IMAGES, LABELS)]
-    for target in targets:
-        if os.path.exists(target):
-            raise AdvewsError(f"{target} already exists; remove it or choose another directory")
+    if all(os.path.exists(target) for target in targets):
+        raise AdvewsError(f"{targets[0]} already exists beside {LABELS} (a complete conversion); remove both "
+                          "or choose another directory")
     suffix = os.path.splitext(source)[1].lower()
     opener = _npz_arrays if suffix == ".npz" else _hdf5_arrays if suffix in HDF5_SUFFIXES else None
     if opener is None:
         raise AdvewsError(f"cannot convert {source}: suffix {suffix!r} is not .npz, {', '.join(HDF5_SUFFIXES)}")
-    os.makedirs(directory, exist_ok=True)
-    partials = [target + ".partial" for target in targets]
+    check_output_dir(directory, f"; give a directory for {IMAGES} and {LABELS}")
+    created: List[str] = []
+    partials = [tmp_name(target) for target in targets]
+    current = targets[0]
     try:
+        try:
+            created = make_dirs(directory)
+        except OSError as e:
+            raise _OutputError(e) from None
         with opener(source) as (images, labels):
             shape = _check(source, images, labels)
+            current = targets[0]
             _write(partials[0], images, shape, chunk_bytes, lambda chunk: None)
+            current = targets[1]
             _write(partials[1], labels, labels.shape, chunk_bytes, _nonnegative(source, labels.dtype))
+        _remove_stale(directory, partials)
+        for partial, target in zip(partials, targets):  # both complete; a kill between leaves an incomplete pair
+            current = target
+            _crash_hook(target)
+            os.replace(partial, target)
     except BaseException as error:
         for partial in partials:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial)
+            remove_quietly(partial)
+        remove_dirs(created)
+        state = "was removed" if created else "is as it was"
+        kept = f"nothing was converted ({source} is unchanged, {directory} {state})"
+        if is_disk_full(error) or (isinstance(error, _OutputError) and is_disk_full(error.error)):
+            raise disk_full(current, kept) from None
+        if isinstance(error, _OutputError):
+            raise AdvewsError(f"cannot write {current}: {error.reason}; {kept}") from None
         if isinstance(error, _ERRORS):
             reason = " ".join(str(error).split()) or type(error).__name__
             raise AdvewsError(f"cannot convert {source} (truncated or corrupt?): {reason}") from None
         raise
-    for partial, target in zip(partials, targets):
-        os.replace(partial, target)
     return shape
+
+
+class _OutputError(Exception):
+    """Writing an output file failed (not reading the input): the message must blame the output."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error, self.reason = error, error.strerror or str(error)
+
+
+def _remove_stale(directory: str, ours: List[str]) -> None:
+    """The leftovers of an interrupted conversion: a lone half of the pair, and temporary files of
+    processes that no longer run (older advews named them ``*.partial``)."""
+    present = [name for name in (IMAGES, LABELS) if os.path.exists(os.path.join(directory, name))]
+    if len(present) == 1:
+        os.remove(os.path.join(directory, present[0]))
+    for name in os.listdir(directory):
+        for base in (IMAGES, LABELS):
+            pid = name[len(base) + 1:-4] if is_tmp_of(name, base) else ""
+            stale = name == base + ".partial" or (pid.isdigit() and not _alive(int(pid)))
+            if stale and os.path.join(directory, name) not in ours:
+                remove_quietly(os.path.join(directory, name))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _crash_hook(target: str) -> None:
+    """Test-only: ``ADVEWS_TEST_KILL_AT=before-rename:labels.npy`` SIGKILLs this process just before
+    it renames that file, i.e. between the two renames (as ``engine.checkpoint``'s hook does)."""
+    point = os.environ.get("ADVEWS_TEST_KILL_AT", "")
+    if point == f"before-rename:{os.path.basename(target)}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _check(source: str, images: _Array, labels: _Array) -> Tuple[int, ...]:
@@ -91,17 +155,31 @@ def _nonnegative(source: str, dtype: np.dtype) -> Callable[[bytes], None]:
     return check
 
 
+def _output(write: Callable[[], object]) -> None:
+    """Run one write to an output file; its OSError becomes ``_OutputError``."""
+    try:
+        write()
+    except OSError as e:
+        raise _OutputError(e)
+
+
 def _write(path: str, array: _Array, shape: Tuple[int, ...], chunk_bytes: int, check: Callable[[bytes], None]) -> None:
     expected = int(np.prod(shape)) * array.dtype.itemsize
     written = 0
-    with open(path, "wb") as f:
+    try:
+        f = open(path, "wb")
+    except OSError as e:
+        raise _OutputError(e)
+    with f:
         header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": shape}
-        np.lib.format.write_array_header_2_0(f, header)
+        _output(lambda: np.lib.format.write_array_header_2_0(f, header))
         step = max(array.dtype.itemsize, chunk_bytes - chunk_bytes % array.dtype.itemsize)
         for chunk in array.chunks(step):
             check(chunk)
-            f.write(chunk)
+            _output(lambda: f.write(chunk))
             written += len(chunk)
+        _output(f.flush)
+        _output(lambda: os.fsync(f.fileno()))
     if written != expected:
         raise AdvewsError(f"{path}: the input holds {written} bytes of data where its header says {expected} "
                           "(truncated file?)")

@@ -8,6 +8,7 @@ from torch import nn
 from advews.attacks import PGD
 from advews.defenses.base import Batch, Defense, DefenseOutput, View
 from advews.defenses.mixing import Mixing, mixed_cross_entropy, require_choice
+from advews.defenses.params import attack_settings
 from advews.defenses.registry import register_defense
 from advews.errors import require_bool
 
@@ -51,6 +52,7 @@ class AT(Defense):
         final_forward: bool = True,
     ):
         super().__init__(label_smoothing=label_smoothing)
+        attack_settings("AT", eps, step_size, steps)
         self.mixing = Mixing(mix, mix_alpha, mix_prob)
         require_bool("AT.final_forward", final_forward)
         require_choice("AT.mix_attack_target", mix_attack_target, MIX_TARGETS)

@@ -17,9 +17,10 @@ from torchvision.transforms import v2
 
 from advews.defenses.augmix_ops import ALL_OPS, OPS, augment_and_mix
 from advews.defenses.base import Batch, DefenseOutput, View
+from advews.defenses.params import require_number
 from advews.defenses.registry import register_defense
 from advews.defenses.standard import Standard
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, require_bool
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -98,6 +99,12 @@ class AugMix(Standard):
         if search_on not in SEARCH_VIEWS:
             raise AdvewsError(f"AugMix.search_on must be one of {', '.join(SEARCH_VIEWS)}, got {search_on!r}")
         self.search_on = search_on
+        require_number("AugMix.severity", severity, "in 1..10", integer=True)
+        require_number("AugMix.width", width, ">= 1", integer=True)
+        require_number("AugMix.depth", depth, ">= 1, or -1 for a random 1-3", integer=True)
+        require_number("AugMix.alpha", alpha, "> 0")
+        require_number("AugMix.jsd_weight", jsd_weight, ">= 0")
+        require_bool("AugMix.all_ops", all_ops)
         if not 1 <= severity <= 10:
             raise AdvewsError(f"AugMix.severity must be in 1..10, got {severity}")
         if width < 1:

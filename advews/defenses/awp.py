@@ -22,9 +22,10 @@ from torch import nn
 from advews import collectives
 from advews.defenses.at import AT
 from advews.defenses.base import Batch
+from advews.defenses.params import require_number
 from advews.defenses.registry import register_defense
 from advews.defenses.trades import TRADES
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, require_bool
 
 
 @gin.configurable("AWP", module="advews")
@@ -54,6 +55,10 @@ class AWPMixin:
         super().__init__(*args, **kwargs)
         self.gamma = self.awp_default_gamma if gamma is None else gamma
         self.warmup_epochs = self.awp_default_warmup_epochs if warmup_epochs is None else warmup_epochs
+        require_number("AWP.gamma", self.gamma, ">= 0")
+        require_number("AWP.lr", lr, "> 0")
+        require_number("AWP.warmup_epochs", self.warmup_epochs, ">= 0", integer=True)
+        require_bool("AWP.smooth_proxy_labels", smooth_proxy_labels)
         if self.gamma < 0:
             raise AdvewsError(f"AWP.gamma must be >= 0, got {self.gamma}")
         if lr <= 0:

@@ -84,6 +84,9 @@ class Defense:
     adversarial: bool = False
 
     def __init__(self, label_smoothing: float = 0.0):
+        from advews.defenses.params import require_number
+
+        require_number("label_smoothing", label_smoothing, "in [0, 1)")
         if not 0.0 <= label_smoothing < 1.0:
             from advews.errors import AdvewsError
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from advews import collectives
 from advews.defenses.base import Backward, Batch, DefenseOutput
+from advews.defenses.params import require_number
 from advews.defenses.registry import register_deriver
 from advews.errors import AdvewsError, require_bool
 from advews.subnets import Subnet, build_search, set_bn_mode, space_of, subnet
@@ -73,6 +74,12 @@ class EWSMixin:
         self.lam = (0.1 if adversarial else 1.0) if lam is None else lam
         self.rho = (0.9 if adversarial else 0.7) if rho is None else rho
         self.entropy_weight = (0.01 if adversarial else 0.005) if entropy_weight is None else entropy_weight
+        require_number("EWS.lam", self.lam, ">= 0")
+        require_number("EWS.rho", self.rho, "in (0, 1]")
+        require_number("EWS.interval", interval, ">= 1", integer=True)
+        require_number("EWS.num_samples", num_samples, ">= 1", integer=True)
+        require_number("EWS.controller_lr", controller_lr, "> 0")
+        require_number("EWS.entropy_weight", self.entropy_weight, ">= 0")
         if self.lam < 0:
             raise AdvewsError(f"EWS.lam must be >= 0, got {self.lam}")
         if not 0 < self.rho <= 1:
@@ -81,6 +88,14 @@ class EWSMixin:
             raise AdvewsError(f"EWS.interval must be >= 1, got {interval}")
         if num_samples < 1:
             raise AdvewsError(f"EWS.num_samples must be >= 1, got {num_samples}")
+        if controller_lr <= 0:
+            raise AdvewsError(f"EWS.controller_lr must be > 0, got {controller_lr}")
+        if self.entropy_weight < 0:
+            raise AdvewsError(f"EWS.entropy_weight must be >= 0, got {self.entropy_weight}")
+        if not isinstance(search, str):
+            raise AdvewsError(f"EWS.search must be the name of a search (e.g. 'controller'), got {search!r}")
+        require_bool("EWS.subnet_dropout", subnet_dropout)
+        require_bool("EWS.search_at_awp_weights", search_at_awp_weights)
         if search_bn not in BN_MODES:
             raise AdvewsError(f"EWS.search_bn must be one of {', '.join(BN_MODES)}, got {search_bn!r}")
         self.interval, self.search_name, self.num_samples = interval, search, num_samples

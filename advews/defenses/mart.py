@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from advews.attacks import PGD
 from advews.defenses.base import Batch, Defense, DefenseOutput, View
+from advews.defenses.params import attack_settings, require_at_least
 from advews.defenses.registry import register_defense
 
 
@@ -55,6 +56,8 @@ class MART(Defense):
         attack_mode: str = "eval",
     ):
         super().__init__(label_smoothing=label_smoothing)
+        attack_settings("MART", eps, step_size, steps)
+        require_at_least("MART.beta", beta, 0)
         self.beta = beta
         self.attack = PGD(eps=eps, norm=norm, steps=steps, step_size=step_size, start=start,
                           clamp_start=clamp_start, model_mode=attack_mode)

@@ -64,6 +64,10 @@ class Mixing:
     prob: float = 1.0
 
     def __post_init__(self) -> None:
+        from advews.defenses.params import require_number
+
+        require_number("mix_alpha", self.alpha, "> 0")
+        require_number("mix_prob", self.prob, "in [0, 1]")
         if self.mode not in MIXES:
             raise AdvewsError(f"mix must be one of {', '.join(MIXES)}, got {self.mode!r}")
         if not (math.isfinite(self.alpha) and self.alpha > 0):

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from advews.attacks import TradesKL
 from advews.defenses.base import Batch, Defense, DefenseOutput, View
 from advews.defenses.mixing import Mixing, mixed_cross_entropy, require_choice
+from advews.defenses.params import attack_settings, require_at_least
 from advews.defenses.registry import register_defense
 from advews.errors import require_bool
 
@@ -62,6 +63,8 @@ class TRADES(Defense):
         smooth_mixed_labels: bool = False,
     ):
         super().__init__(label_smoothing=label_smoothing)
+        attack_settings("TRADES", eps, step_size, steps)
+        require_at_least("TRADES.beta", beta, 0)
         self.mixing = Mixing(mix, mix_alpha, mix_prob)
         require_choice("TRADES.attack_mode", attack_mode, ATTACK_MODES)
         require_choice("TRADES.start", start, STARTS)

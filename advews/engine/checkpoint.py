@@ -1,5 +1,6 @@
 """Checkpoints hold everything a resume needs, load with ``weights_only=True``, survive a crash
-mid-write (fsynced temporary file, atomic rename) and carry a content hash that a load verifies,
+mid-write (fsynced temporary file under a per-process name, atomic rename; a full disk is one
+line, ``DiskFullError``, with the partial file removed) and carry a content hash that a load verifies,
 so bytes changed on disk are an error instead of a silently wrong model."""
 
 from __future__ import annotations
@@ -8,13 +9,15 @@ import hashlib
 import os
 import random
 import re
+import sys
 import warnings
-from typing import Any, Dict
+from typing import Any, BinaryIO, Callable, Dict, Optional
 
 import numpy as np
 import torch
 
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, disk_full, is_disk_full, remove_quietly
+from advews.locks import tmp_name
 
 HASH_KEY = "content_hash"
 
@@ -106,26 +109,64 @@ def _crash_hook(point: str, path: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(state: Dict[str, Any], path: str) -> None:
+class _RecordingFile:
+    """The file ``torch.save`` writes through: it keeps the OSError a write raised, because torch's
+    zip writer replaces it with "[enforce fail at inline_container.cc] unexpected pos", which never
+    says that the disk is full."""
+
+    def __init__(self, file: BinaryIO, path: str) -> None:
+        self.file, self.path, self.error = file, path, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        try:
+            self.file.flush()
+        except OSError as e:
+            self.error = e
+            raise
+
+
+def _kept_by_default(path: str) -> str:
+    name = os.path.basename(path)
+    return f"the previous {name} is kept" if os.path.exists(path) else f"no {name} was written"
+
+
+def _write_durably(path: str, write: Callable[[_RecordingFile], None], kept: Optional[str]) -> None:
+    """Write to this process's temporary name, fsync, rename, fsync the directory. Any failure removes
+    the partial file; a full disk (or quota) is the one-line ``DiskFullError`` naming ``path`` and
+    ``kept``, what survives (default: the previous file, if any)."""
+    tmp, recorder = tmp_name(path), None
+    try:
+        with open(tmp, "wb") as f:
+            recorder = _RecordingFile(f, tmp)
+            write(recorder)
+            recorder.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        remove_quietly(tmp)
+        if is_disk_full(e) or (recorder is not None and recorder.error is not None and is_disk_full(recorder.error)):
+            raise disk_full(path, kept or _kept_by_default(path)) from None
+        raise
+    _replace_durably(tmp, path)
+
+
+def save_checkpoint(state: Dict[str, Any], path: str, kept: Optional[str] = None) -> None:
     """Write atomically and durably (temporary file, fsync, rename, fsync of the directory), with
     the state's content hash inside, so a crash or power loss never leaves a truncated checkpoint."""
     state = {**state, HASH_KEY: content_hash(state)}
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace_durably(tmp, path)
+    _write_durably(path, lambda f: torch.save(state, f), kept)
 
 
-def write_text_atomic(path: str, text: str) -> None:
+def write_text_atomic(path: str, text: str, kept: Optional[str] = None) -> None:
     """Replace a small text file (config.gin, metrics.jsonl) so readers see the old or the new, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace_durably(tmp, path)
+    data = text.encode("utf-8")
+    _write_durably(path, lambda f: f.write(data), kept)
 
 
 def _load_error(path: str, err: Exception) -> str:
@@ -166,7 +207,30 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
             state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise AdvewsError(_load_error(path, e)) from None
-    if isinstance(state, dict) and HASH_KEY in state and content_hash(state) != state[HASH_KEY]:
+    if not isinstance(state, dict):
+        raise AdvewsError(f"cannot load checkpoint {path}: it holds a {type(state).__name__}, not an advews "
+                          "checkpoint (a dict with model_spec and model)")
+    if HASH_KEY not in state:
+        if "model_spec" in state:  # an advews checkpoint; a bare state_dict is refused by the caller
+            _warn_unverified(path, state)
+    elif content_hash(state) != state[HASH_KEY]:
         raise AdvewsError(f"checkpoint {path} is corrupt: its contents do not match the hash stored when it "
                           "was written (bytes changed on disk)")
     return state
+
+
+_unverified: set = set()
+
+
+def _warn_unverified(path: str, state: Dict[str, Any]) -> None:
+    """Say once per file that a checkpoint without a content hash is loaded unchecked. Checkpoints of
+    advews before format 2 predate the hash and must still load; damage on disk cannot remove the
+    key, so a format-2 file without it was edited on purpose, which the hash never guarded against."""
+    key = os.path.abspath(path)
+    if key in _unverified:
+        return
+    _unverified.add(key)
+    why = ("it was written before checkpoints carried one" if not isinstance(state.get("format"), int)
+           or state["format"] < 2 else "its content_hash entry was removed")
+    print(f"warning: checkpoint {path} has no content hash ({why}): it is loaded unverified, so bytes "
+          "changed on disk would go unnoticed", file=sys.stderr, flush=True)

@@ -34,6 +34,16 @@ class Dist:
         return self.rank == 0
 
 
+def main_process() -> bool:
+    """Whether this process speaks for the run: rank 0 under torchrun, read from the environment so
+    it holds before the process group exists and after a failure (a refusal is printed once, not
+    once per rank), and always in a single process."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) == 0
+    except ValueError:
+        return True
+
+
 def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 

@@ -12,19 +12,24 @@ one (unless ``train.select_on = 'live'``), else the live model's; ``weights`` in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 
 from advews import __version__
-from advews.engine.checkpoint import load_checkpoint, write_text_atomic
-from advews.engine.ema import select_weights
-from advews.errors import AdvewsError
+from advews.engine.checkpoint import load_checkpoint
+from advews.engine.ema import WEIGHTS_FROM, select_weights
+from advews.engine.model_check import check_state_types, check_weights, warn_once
+from advews.errors import AdvewsError, disk_full, is_disk_full, remove_quietly
+from advews.locks import tmp_name
+from advews.outputs import check_output_dir, make_dirs, remove_dirs
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FORMAT = 1
+HASH = "sha256"  # config.json: {"sha256": {"model.safetensors": hex digest}}
 _CARRIED = ("model_spec", "data_spec", "threat_model", "defense", "epoch")
 
 
@@ -33,49 +38,107 @@ def is_export(path: str) -> bool:
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG))
 
 
+def _write_tmp(path: str, data: bytes) -> str:
+    """``data`` in this process's temporary file beside ``path``, fsynced; returns its name."""
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        remove_quietly(tmp)
+        raise
+    return tmp
+
+
 def export_model(checkpoint: str, out_dir: str, force: bool = False) -> Dict[str, Any]:
     """Write ``checkpoint``'s model to ``out_dir``; returns the config. Refuses to overwrite an
-    export unless ``force``; checks the directory before reading the checkpoint."""
+    export unless ``force``; checks the directory, then the checkpoint's model, before writing."""
     targets = [os.path.join(out_dir, f) for f in (WEIGHTS, CONFIG)]
     if not force and any(os.path.exists(t) for t in targets):
-        raise AdvewsError(f"{out_dir} already holds an export ({WEIGHTS}, {CONFIG}); pass --force or choose another DIR")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        probe = os.path.join(out_dir, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise AdvewsError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+        raise AdvewsError(f"{out_dir} already holds an export ({WEIGHTS}, {CONFIG}); pass --force or choose "
+                          "another DIR")
+    check_output_dir(out_dir)
     state = load_checkpoint(checkpoint)
-    if not isinstance(state.get("model_spec"), dict) or not isinstance(state.get("model"), dict):
-        raise AdvewsError(f"{checkpoint} is not an advews checkpoint (no model_spec or model)")
-    from safetensors.torch import save_file
-
+    check_state_types(checkpoint, state)
+    if not isinstance(state.get("model"), dict):
+        raise AdvewsError(f"{checkpoint} is not an advews checkpoint (no model weights)")
     weights, which = select_weights(state, None, checkpoint)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    check_weights(checkpoint, state["model_spec"], weights)
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in weights.items()}, metadata={"format": "pt"})
     config = {"format": FORMAT, "advews_version": __version__, "source": os.path.basename(checkpoint), "weights": which,
-              **{k: state.get(k) for k in _CARRIED}}
-    tmp = os.path.join(out_dir, f".{WEIGHTS}.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, targets[0])
-    write_text_atomic(targets[1], json.dumps(config, indent=2, sort_keys=True) + "\n")
+              HASH: {WEIGHTS: hashlib.sha256(data).hexdigest()}, **{k: state.get(k) for k in _CARRIED}}
+    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+    created: List[str] = []
+    tmps: List[str] = []
+    current = targets[0]
+    try:
+        created = make_dirs(out_dir)
+        for target, content in zip(targets, (data, text)):
+            current = target
+            tmps.append(_write_tmp(target, content))
+        for tmp, target in zip(tmps, targets):  # both complete: a crash between the renames is a hash mismatch
+            current = target
+            os.replace(tmp, target)
+    except BaseException as e:
+        for tmp in tmps:
+            remove_quietly(tmp)
+        remove_dirs(created)
+        if is_disk_full(e):
+            raise disk_full(current, f"nothing was exported ({checkpoint} is unchanged, "
+                                     f"{out_dir} {'was removed' if created else 'is as it was'})") from None
+        if isinstance(e, OSError):
+            raise AdvewsError(f"cannot write {current}: {e.strerror or e}") from None
+        raise
     return config
 
 
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_config(path: str, config: Any) -> None:
+    """config.json's own entries (the model's are ``model_check``'s)."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT or "model_spec" not in config:
+        raise AdvewsError(f"{path} is not an advews export (config.json without format {FORMAT} and model_spec)")
+    if config.get("weights", "live") not in WEIGHTS_FROM:
+        raise AdvewsError(f"{os.path.join(path, CONFIG)}: weights must be one of {', '.join(WEIGHTS_FROM)}, "
+                          f"got {config.get('weights')!r}")
+    digest = config.get(HASH)
+    if digest is not None and not (isinstance(digest, dict) and isinstance(digest.get(WEIGHTS), str)):
+        raise AdvewsError(f"{os.path.join(path, CONFIG)}: {HASH} must be {{\"{WEIGHTS}\": hex digest}}, got {digest!r}")
+
+
 def load_export(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
-    """An export as the dict a checkpoint loads to (``model_spec``, ``model``, ``data_spec``, ...)."""
+    """An export as the dict a checkpoint loads to (``model_spec``, ``model``, ``data_spec``, ...),
+    its weights checked against the SHA-256 in config.json (an export without one: a warning)."""
+    config_path, weights_path = os.path.join(path, CONFIG), os.path.join(path, WEIGHTS)
     try:
-        with open(os.path.join(path, CONFIG)) as f:
+        with open(config_path) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
-        raise AdvewsError(f"cannot read {os.path.join(path, CONFIG)}: {e}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT or not isinstance(config.get("model_spec"), dict):
-        raise AdvewsError(f"{path} is not an advews export (config.json without format {FORMAT} and model_spec)")
+        raise AdvewsError(f"cannot read {config_path}: {e}") from None
+    _check_config(path, config)
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        weights = load_file(os.path.join(path, WEIGHTS), device=str(torch.device(map_location)))
+        digest = _sha256(weights_path)
+        weights = load_file(weights_path, device=str(torch.device(map_location)))
     except (OSError, SafetensorError) as e:
-        raise AdvewsError(f"cannot read {os.path.join(path, WEIGHTS)}: {' '.join(str(e).split())}") from None
+        raise AdvewsError(f"cannot read {weights_path}: {' '.join(str(e).split())}") from None
+    expected = (config.get(HASH) or {}).get(WEIGHTS)
+    if expected is None:
+        warn_once(os.path.abspath(weights_path), f"{weights_path} is unverified: {config_path} carries no "
+                  f"SHA-256 of it (written by advews {config.get('advews_version', '?')}, before exports carried one)")
+    elif digest != expected.lower():
+        raise AdvewsError(f"export {path} is corrupt: {weights_path} does not match the SHA-256 in {config_path} "
+                          "(bytes changed on disk)")
     return {**{k: config.get(k) for k in _CARRIED}, "model": weights, "export": config}

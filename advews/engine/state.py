@@ -5,27 +5,35 @@ RNG state per rank, the model, optimizer, scheduler, scaler and defense state (E
 the divergence guard's count, the partial train-metric sums of an unfinished epoch, the metrics
 history and the config, the EMA of the weights (``ema``, None without one) and which weights
 evaluation and export take by default (``weights``: 'ema' or 'live'), so a resume from any checkpoint is bit-exact and rewrites metrics.jsonl.
+It also holds the training data's fingerprint (``engine.data_identity``): a resume on changed data is refused.
+
+A write that fails for a full disk (``DiskFullError``, exit 4) names what is still on disk (``_kept``);
+one during a preemption save still ends the run as preempted (exit 143) and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import gin
 import torch
 
 from advews.engine import distributed
 from advews.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from advews.engine.data_identity import check_same_data
+from advews.engine.model_check import check_rng_states
+from advews.engine.preemption import Preempted
 from advews.engine.resume import show_value
 from advews.engine.rundir import BEST, LAST, read_metrics, write_metrics
-from advews.errors import AdvewsError
+from advews.errors import AdvewsError, DiskFullError
 
 FORMAT = 2
 RESUME_KEYS = ("epoch", "model", "defense", "defense_state", "optimizer", "scheduler", "rng", "best")
 BEST_KEYS = ("format", "epoch", "model", "ema", "weights", "model_spec", "data_spec", "defense", "threat_model",
-             "config")
+             "config", "data_fingerprint")
 
 
 class CheckpointState:
@@ -55,7 +63,30 @@ class CheckpointState:
             "guard": self.guard.state_dict(),
             "overrides": list(self.overrides),
             "config": gin.config_str(),
+            "data_fingerprint": self.data_fingerprint,
         }
+
+    def _kept(self) -> str:
+        """What is on disk when a write fails, and what to do, for the one-line DiskFullError."""
+        last, best = getattr(self, "_last_on_disk", None), getattr(self, "_best_on_disk", None)
+        if last is None:
+            kept = "no checkpoint was written yet"
+        else:
+            kept = f"last.pt ({last})" + (f" and best.pt (epoch {best}) are kept" if best else " is kept")
+        return kept + "; free some space, then run the same command with --resume"
+
+    @contextlib.contextmanager
+    def _preemption_save(self, where: str, if_signalled: bool = False) -> Iterator[None]:
+        """A preemption save that fails for a full disk still ends the run as preempted (exit 143,
+        what a scheduler expects after its SIGTERM), with a line saying the save failed and what
+        survives; ``if_signalled``: only if a signal came (asked of every rank, like the loop does)."""
+        try:
+            yield
+        except DiskFullError as e:
+            if if_signalled and not self.signals.requested(self.device):
+                raise
+            raise Preempted(f"preempted by {self.signals.received or 'a signal'} at {where}, but the save "
+                            f"failed: {e}") from None
 
     def _describe_saved(self, epochs_done: int, step: int) -> None:
         """What the guard's message says survives a divergence."""
@@ -72,7 +103,12 @@ class CheckpointState:
         partial = {"lr": lr, "sums": [r["sums"] for r in ranks], "counts": [r["counts"] for r in ranks]}
         state = self._state(epoch, [r["rng"] for r in ranks], step=done, partial=partial)
         path = os.path.join(self.output_dir, LAST)
-        distributed.on_main(lambda: save_checkpoint(state, path))
+
+        def write() -> None:
+            save_checkpoint(state, path, kept=self._kept())
+            self._last_on_disk = f"epoch {epoch + 1}, step {done}"
+
+        distributed.on_main(write)
         self._describe_saved(epoch, done)
         return path
 
@@ -94,9 +130,12 @@ class CheckpointState:
 
         def write() -> None:
             if improved:
-                save_checkpoint({k: state[k] for k in BEST_KEYS}, os.path.join(self.output_dir, BEST))
-            save_checkpoint(state, os.path.join(self.output_dir, LAST))
-            write_metrics(self.output_dir, self.history)
+                best = {k: state[k] for k in BEST_KEYS}
+                save_checkpoint(best, os.path.join(self.output_dir, BEST), kept=self._kept())
+                self._best_on_disk = epochs_done
+            save_checkpoint(state, os.path.join(self.output_dir, LAST), kept=self._kept())
+            self._last_on_disk = where
+            write_metrics(self.output_dir, self.history, kept=self._kept())
 
         distributed.on_main(write)
         self._describe_saved(epochs_done, 0)
@@ -111,6 +150,8 @@ class CheckpointState:
                 f"cannot resume {path}: it was trained with defense {state.get('defense')!r}, "
                 f"the config says {self.defense_name!r}"
             )
+        check_same_data(state.get("data_fingerprint"), self.data_fingerprint, self.data.name, path)
+        check_rng_states(path, state["rng"])
         if len(state["rng"]) != self.dist.world:
             raise AdvewsError(f"cannot resume {path}: it was trained on {len(state['rng'])} ranks, this run has {self.dist.world}")
         step = state.get("step", 0)
@@ -146,7 +187,11 @@ class CheckpointState:
         self.overrides = list(state.get("overrides", []))
         if overrides:
             self._apply_overrides(fresh, fresh_base, overrides)
-        distributed.on_main(lambda: write_metrics(self.output_dir, self.history))
+        self._last_on_disk = f"epoch {self.start_epoch + 1}, step {step}" if step \
+            else f"the end of epoch {self.start_epoch}"
+        has_best = self.best and os.path.exists(os.path.join(self.output_dir, BEST))
+        self._best_on_disk = self.best["epoch"] if has_best else None
+        distributed.on_main(lambda: write_metrics(self.output_dir, self.history, kept=self._kept()))
         self._describe_saved(self.start_epoch, self.start_step)
 
     def _load_ema(self, ema: Optional[Dict[str, torch.Tensor]]) -> None:

@@ -4,7 +4,9 @@ Runs survive preemption and crashes: SIGTERM or SIGUSR1 saves a resumable ``last
 step boundary and ends the run with ``Preempted`` (the CLI exits ``PREEMPTED_EXIT`` = 143);
 ``train.checkpoint_every_steps`` also saves mid-epoch; a resume from any checkpoint continues
 bit-exactly. A non-finite loss, gradient or weight ends the run with ``DivergenceError`` (exit 3)
-before anything non-finite is saved (``train.nonfinite = 'skip'`` drops such steps instead).
+before anything non-finite is saved (``train.nonfinite = 'skip'`` drops such steps instead). A full
+disk ends it with ``DiskFullError`` (exit 4) naming what is kept. The run directory is locked
+(``rundir.take_output_dir``) from before the first thing written in it until the run ends.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import random
 import sys
 import time
+import weakref
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gin
@@ -26,13 +29,15 @@ from advews.data import load_data
 from advews.defenses import build_defense
 from advews.engine import distributed
 from advews.engine.backward import StepBackward
-from advews.engine.ema import EMA, check_ema_settings, ema_warmup
+from advews.engine.data_identity import data_fingerprint
+from advews.engine.ema import EMA, ema_warmup
 from advews.engine.guard import NonFiniteGuard, collapsed
 from advews.engine.optim import make_optimizer, make_scheduler
-from advews.engine.params import require_bool, require_int, require_number, require_str
+from advews.engine.params import require_bool, require_int, require_str
 from advews.engine.precision import Precision
 from advews.engine.preemption import Preempted, PreemptionSignals
-from advews.engine.rundir import holds_checkpoint, prepare_output_dir, write_config
+from advews.engine.rundir import holds_checkpoint, take_output_dir, write_config
+from advews.engine.settings import check_settings
 from advews.engine.state import CheckpointState
 from advews.engine.tensorboard import TensorBoardLog
 from advews.engine.validation import check_val_loss, validation_counts
@@ -58,25 +63,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
-                    eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
-                    checkpoint_every_steps, ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on) -> None:
-    require_int("train.epochs", epochs, minimum=1)
-    require_int("train.batch_size", batch_size, minimum=1)
-    require_int("train.seed", seed, minimum=0)
-    require_number("train.eps_warmup_epochs", eps_warmup_epochs, minimum=0)
-    require_number("train.val_eps", val_eps, minimum=0, allow_none=True)
-    require_int("train.val_steps", val_steps, minimum=1)
-    require_number("train.val_step_size", val_step_size, minimum=0, allow_none=True)
-    require_int("train.eval_batch_size", eval_batch_size, minimum=1)
-    for name, flag in (("channels_last", channels_last), ("compile", compile), ("sync_batchnorm", sync_batchnorm)):
-        require_bool(f"train.{name}", flag)
-    require_number("train.grad_clip", grad_clip, positive=True, allow_none=True)
-    require_int("train.max_skipped_steps", max_skipped_steps, minimum=0)
-    require_int("train.checkpoint_every_steps", checkpoint_every_steps, minimum=1, allow_none=True)
-    check_ema_settings(ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on)
 
 
 @gin.configurable("train", denylist=["output_dir", "resume", "quiet", "overrides"])
@@ -147,9 +133,9 @@ class Trainer(CheckpointState):
         ema_warmup_fraction: Optional[float] = None,
         val_loss: str = "ce",
     ):
-        _check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
-                        eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
-                        checkpoint_every_steps, ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on)
+        check_settings(epochs, batch_size, seed, eps_warmup_epochs, val_eps, val_steps, val_step_size,
+                       eval_batch_size, channels_last, compile, sync_batchnorm, grad_clip, max_skipped_steps,
+                       checkpoint_every_steps, ema_decay, ema_warmup_steps, ema_dynamic_decay, select_on)
         require_str("train.defense", defense)
         ema_warmup(ema_warmup_steps, ema_warmup_fraction, 1)
         check_val_loss(val_loss)
@@ -159,52 +145,60 @@ class Trainer(CheckpointState):
         if batch_size % self.dist.world:
             raise AdvewsError(f"train.batch_size {batch_size} must be divisible by the {self.dist.world} ranks")
         self.output_dir, self.quiet = output_dir, quiet or not self.dist.main
-        if resume and not holds_checkpoint(output_dir):
-            if self.dist.main:
-                print(f"no last.pt in {output_dir}: starting the run from scratch", flush=True)
-            resume = False
-        distributed.on_main(lambda: prepare_output_dir(output_dir, resume))
-        require_bool("train.tensorboard", tensorboard)
-        require_int("train.log_every", log_every, minimum=1)
-        self.tensorboard = TensorBoardLog(output_dir, log_every, tensorboard and self.dist.main)
-        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
-        self.eps_warmup_epochs, self.eval_batch_size = eps_warmup_epochs, eval_batch_size
-        self.precision = Precision(amp, self.device, channels_last)
-        seed_everything(seed)
+        continuing = resume and holds_checkpoint(output_dir)
+        self.run_lock = distributed.on_main(lambda: take_output_dir(output_dir, resume, continuing))
+        if self.run_lock is not None:  # rank 0: released when the run ends, or if this object is dropped unrun
+            weakref.finalize(self, self.run_lock.release)
+        if resume and not continuing and self.dist.main:
+            print(f"no last.pt in {output_dir}: starting the run from scratch", flush=True)
+        try:
+            require_bool("train.tensorboard", tensorboard)
+            require_int("train.log_every", log_every, minimum=1)
+            self.tensorboard = TensorBoardLog(output_dir, log_every, tensorboard and self.dist.main)
+            self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+            self.eps_warmup_epochs, self.eval_batch_size = eps_warmup_epochs, eval_batch_size
+            self.precision = Precision(amp, self.device, channels_last)
+            seed_everything(seed)
 
-        self.data = load_data(rank=self.dist.rank, world=self.dist.world)  # each rank reads only its extra rows
-        self.spec = dict(
-            model_spec(),
-            num_classes=self.data.num_classes,
-            in_channels=self.data.in_channels,
-            mean=list(self.data.mean),
-            std=list(self.data.std),
-        )
-        self.model = build_model(self.spec).to(self.device)
-        if sync_batchnorm and self.dist.enabled:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.defense_name = defense
-        self.defense = build_defense(defense)
-        self.defense.setup(self.model)
-        self.attack_model, self.train_model = self._wrap(compile)
-        self.ema = None if ema_decay is None else EMA(self.model, ema_decay, ema_warmup_steps, ema_dynamic_decay)
-        self.weights = "ema" if self.ema is not None and select_on == "ema" else "live"
-        self.optimizer = make_optimizer(self.model)
-        self.steps_per_epoch = self.data.train.num_batches(batch_size, drop_last=True)
-        if self.steps_per_epoch < 1:
-            raise AdvewsError(f"train.batch_size {batch_size} is larger than the training set ({len(self.data.train)})")
-        self.scheduler = make_scheduler(self.optimizer, self.steps_per_epoch, epochs)
-        if self.ema is not None:
-            self.ema.warmup_steps = ema_warmup(ema_warmup_steps, ema_warmup_fraction, self.steps_per_epoch * epochs)
-        self.val_attack = self._validation_attack(val_eps, val_steps, val_step_size, val_loss)
-        self.start_epoch, self.start_step, self.partial, self.best = 0, 0, None, None
-        self.history: List[Dict[str, float]] = []
-        self.overrides: List[Dict[str, Any]] = []
-        self.signals = PreemptionSignals()
-        if resume:
-            self._load(os.path.join(output_dir, "last.pt"), overrides)
+            self.data = load_data(rank=self.dist.rank, world=self.dist.world)  # each rank reads only its extra rows
+            self.data_fingerprint = data_fingerprint(self.data)
+            self.spec = dict(
+                model_spec(),
+                num_classes=self.data.num_classes,
+                in_channels=self.data.in_channels,
+                mean=list(self.data.mean),
+                std=list(self.data.std),
+            )
+            self.model = build_model(self.spec).to(self.device)
+            if sync_batchnorm and self.dist.enabled:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            if channels_last:
+                self.model = self.model.to(memory_format=torch.channels_last)
+            self.defense_name = defense
+            self.defense = build_defense(defense)
+            self.defense.setup(self.model)
+            self.attack_model, self.train_model = self._wrap(compile)
+            self.ema = None if ema_decay is None else EMA(self.model, ema_decay, ema_warmup_steps, ema_dynamic_decay)
+            self.weights = "ema" if self.ema is not None and select_on == "ema" else "live"
+            self.optimizer = make_optimizer(self.model)
+            self.steps_per_epoch = self.data.train.num_batches(batch_size, drop_last=True)
+            if self.steps_per_epoch < 1:
+                raise AdvewsError(f"train.batch_size {batch_size} is larger than the training set "
+                                  f"({len(self.data.train)})")
+            self.scheduler = make_scheduler(self.optimizer, self.steps_per_epoch, epochs)
+            if self.ema is not None:
+                self.ema.warmup_steps = ema_warmup(ema_warmup_steps, ema_warmup_fraction, self.steps_per_epoch * epochs)
+            self.val_attack = self._validation_attack(val_eps, val_steps, val_step_size, val_loss)
+            self.start_epoch, self.start_step, self.partial, self.best = 0, 0, None, None
+            self.history: List[Dict[str, float]] = []
+            self.overrides: List[Dict[str, Any]] = []
+            self.signals = PreemptionSignals()
+            if continuing:
+                self._load(os.path.join(output_dir, "last.pt"), overrides)
+        except BaseException:  # a run that cannot start leaves the directory as it found it
+            if self.run_lock is not None:
+                self.run_lock.release(failed=True)
+            raise
 
     def _wrap(self, compile: bool):
         """(model for attacks, model for the training forward): DDP and/or torch.compile around it;
@@ -303,7 +297,8 @@ class Trainer(CheckpointState):
             done = i + 1
             if self.signals.requested(self.device):
                 bar.close()
-                path = self._save_partial(epoch, done, lr, sums, counts)
+                with self._preemption_save(f"epoch {epoch + 1}, step {done}"):
+                    path = self._save_partial(epoch, done, lr, sums, counts)
                 raise Preempted(f"preempted by {self.signals.received or 'a signal'}: saved {path} at epoch "
                                 f"{epoch + 1}, step {done} of {self.steps_per_epoch}; run again with --resume")
             every = self.checkpoint_every_steps
@@ -358,7 +353,7 @@ class Trainer(CheckpointState):
         return row.get(key)
 
     def _write_config(self) -> None:
-        write_config(self.output_dir, gin.operative_config_str())
+        write_config(self.output_dir, gin.operative_config_str(), kept=self._kept())
 
     def run(self) -> Dict[str, float]:
         """Train from the checkpoint's position to ``epochs``; returns the last metrics row."""
@@ -372,7 +367,8 @@ class Trainer(CheckpointState):
             with self.signals:
                 distributed.on_main(self._write_config)
                 for epoch in range(self.start_epoch, self.epochs):
-                    row = self._run_epoch(epoch)
+                    with self._preemption_save(f"the end of epoch {epoch + 1}", if_signalled=True):
+                        row = self._run_epoch(epoch)
                     if epoch == self.start_epoch:  # configurables first called during training are now recorded
                         distributed.on_main(self._write_config)
                     if self.signals.requested(self.device):
@@ -406,3 +402,5 @@ class Trainer(CheckpointState):
         if self.dist.enabled:
             self.train_model = self.attack_model = self.backward = None
             distributed.shutdown()
+        if self.run_lock is not None:
+            self.run_lock.release()

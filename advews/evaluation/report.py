@@ -37,6 +37,7 @@ class Run:
     seed: int
     metrics: Dict[str, float]
     conflicts: Dict[str, str] = field(default_factory=dict)  # metric -> why two files disagree on it
+    audit: Optional[List[str]] = None  # the flags of its audit card (advews-eval --audit); [] = none raised
 
 
 @dataclass
@@ -130,11 +131,57 @@ def json_metrics(data: Mapping) -> Dict[str, float]:
     return {}
 
 
+def file_metrics(data: object, where: str) -> Dict[str, float]:
+    """``json_metrics`` of one JSON file of a run directory; an advews-eval result with fields of the
+    wrong type (edited or damaged) is refused in one line naming the file, rather than skipped: a
+    table silently missing one seed's number would look complete."""
+    if not isinstance(data, dict):
+        return {}
+    try:
+        metrics = json_metrics(data)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as error:
+        raise AdvewsError(f"{where} looks like an advews-eval result but its fields have the wrong types or are "
+                          f"missing ({' '.join(str(error).split())}); fix it or move it out of the run directory") from None
+    for name, value in metrics.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise AdvewsError(f"{where}: {name} must be a number, got {value!r}; fix the file or move it out of "
+                              "the run directory")
+    return metrics
+
+
+AUDIT_FORMAT = "advews-audit/1"
+
+
+def audit_flags(card: Mapping, where: str) -> List[str]:
+    """The indicators an audit card flags (its verdict column in the table)."""
+    rows = card.get("indicators")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("indicator"), str)
+                                             for r in rows):
+        raise AdvewsError(f"{where} is an audit card whose indicators are missing or of the wrong type; rerun "
+                          "advews-eval --audit or move it out of the run directory")
+    return [r["indicator"] for r in rows if r.get("flagged") is True]
+
+
+def _audit_cell(runs: Sequence[Run]) -> str:
+    """'pass' when every audited run raised no indicator, else the flags and how many runs raised them."""
+    audited = [r for r in runs if r.audit is not None]
+    if not audited:
+        return "-"
+    counted = "" if len(audited) == len(runs) else f" (n={len(audited)})"
+    flags = sorted({f for r in audited for f in r.audit or []})
+    if not flags:
+        return "pass" + counted
+    return "FLAG " + ", ".join(f"{f} {sum(f in (r.audit or []) for r in audited)}/{len(audited)}" for f in flags)
+
+
 def read_run(path: str) -> Run:
     """A run directory's config, seed and metrics: the final metrics.jsonl row's validation accuracies
     and the metrics of every JSON file in the directory."""
-    if not os.path.isdir(path):
+    if not os.path.exists(path):
         raise AdvewsError(f"run directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise AdvewsError(f"{path} is a file, not a run directory; give advews-train output directories "
+                          "(the folder holding config.gin and metrics.jsonl)")
     bindings = read_config(os.path.join(path, "config.gin"))
     try:
         seed = int(bindings[SEED_KEY])
@@ -152,7 +199,10 @@ def read_run(path: str) -> Run:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise AdvewsError(f"cannot read {os.path.join(path, file)}: {e}") from None
-        for name, value in (json_metrics(data) if isinstance(data, dict) else {}).items():
+        if isinstance(data, dict) and data.get("format") == AUDIT_FORMAT:
+            run.audit = sorted(set(run.audit or []) | set(audit_flags(data, os.path.join(path, file))))
+            continue
+        for name, value in file_metrics(data, os.path.join(path, file)).items():
             if name in run.metrics and run.metrics[name] != value:
                 run.conflicts[name] = (f"{path}: {sources[name]} and {file} disagree on {name} "
                                        f"({run.metrics[name]:.4g} vs {value:.4g}); keep one in the run directory")
@@ -309,12 +359,14 @@ def _cell(stat: Optional[Stat], n_runs: int, signed: bool = False) -> str:
 
 def table_rows(rep: Report) -> List[List[str]]:
     """Header, one row per group, then one per paired comparison; cells in percent."""
-    rows = [["method", "seeds", *rep.metrics]]
+    audit = any(r.audit is not None for g in rep.groups for r in g.runs)  # the verdict column, when audited
+    rows = [["method", "seeds", *(["audit"] if audit else []), *rep.metrics]]
     for g in rep.groups:
-        rows.append([g.label, ",".join(str(r.seed) for r in g.runs),
+        rows.append([g.label, ",".join(str(r.seed) for r in g.runs), *([_audit_cell(g.runs)] if audit else []),
                      *(_cell(g.stats.get(m), len(g.runs)) for m in rep.metrics)])
     for c in rep.comparisons:
         rows.append([f"Δ {c.group} vs {c.baseline} (paired, n={len(c.seeds)})", ",".join(map(str, c.seeds)),
+                     *([""] if audit else []),
                      *(_cell(c.stats.get(m), len(c.seeds), signed=True) for m in rep.metrics)])
     return rows
 
@@ -348,7 +400,7 @@ def format_report(rep: Report, fmt: str = "md") -> str:
         return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
     rows = table_rows(rep)
     lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join(["---"] * 2 + ["---:"] * len(rep.metrics)) + "|")
+    lines.insert(1, "|" + "|".join(["---"] * (len(rows[0]) - len(rep.metrics)) + ["---:"] * len(rep.metrics)) + "|")
     return "\n".join(lines) + "\n\n" + _note(rep) + "\n"
 
 

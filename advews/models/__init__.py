@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+import inspect
+from typing import Any, Callable, Dict, Optional
 
 import gin
 from torch import nn
 
 from advews.errors import AdvewsError
 from advews.models.dm_wide_resnet import DMBlock, DMWideResNet, dm_wrn_28_10, dm_wrn_70_16
+from advews.models.activation import activation_fn
 from advews.models.normalize import Normalized
 from advews.models.preact_resnet import PreActBlock, PreActResNet, preact_resnet18, small_preact_resnet
 from advews.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
@@ -40,12 +42,56 @@ ARCHITECTURES: Dict[str, Callable[..., nn.Module]] = {
 }
 
 
-@gin.configurable("model")
-def model_spec(arch: str = "preact_resnet18", options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The architecture name and its keyword options; the data adds classes, channels and normalisation."""
-    if arch not in ARCHITECTURES:
+DEFAULT_ARCH = "preact_resnet18"
+POSITIVE_INTS = ("blocks_per_stage", "depth", "widen_factor", "width")  # options that count layers or channels
+WRN_DEPTHS = {"wide_resnet": "e.g. 28, 34", "dm_wide_resnet": "e.g. 28, 70, 106"}
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_options(arch: str, options: Any) -> None:
+    """``model.arch`` and ``model.options`` in one line each before anything is built: an unknown
+    architecture or option, a width or depth that is not a positive integer, a dropout outside
+    [0, 1), an unknown activation (torch would fail later with a negative-dimension traceback)."""
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
         raise AdvewsError(f"unknown model {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
-    return {"arch": arch, "options": dict(options or {})}
+    if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
+        raise AdvewsError(f"model.options must be a dict of keyword options such as {{'dropout': 0.1}}, got {options!r}")
+    params = inspect.signature(ARCHITECTURES[arch]).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        allowed = [n for n in params if n not in ("num_classes", "in_channels")]
+        unknown = [k for k in options if k not in allowed]
+        if unknown:
+            raise AdvewsError(f"model.options {unknown[0]!r} is not an option of model.arch {arch!r}; it takes "
+                              f"{', '.join(allowed) or 'none'}")
+    widths = options.get("widths")
+    if "widths" in options and (not isinstance(widths, (list, tuple)) or not widths
+                                or not all(_positive_int(w) for w in widths)):
+        raise AdvewsError(f"model.options widths must be positive integers, got {widths!r}")
+    for key in POSITIVE_INTS:
+        if key in options and not _positive_int(options[key]):
+            raise AdvewsError(f"{arch} {key} must be a positive integer, got {options[key]!r}")
+    depth = options.get("depth")
+    if arch in WRN_DEPTHS and depth is not None and (depth < 10 or (depth - 4) % 6):
+        raise AdvewsError(f"{arch} depth must be 6n+4 with n >= 1 ({WRN_DEPTHS[arch]}), got {depth}")
+    dropout = options.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise AdvewsError(f"model.options dropout must be a number in [0, 1), got {dropout!r}")
+    if "activation" in options:
+        activation_fn(options["activation"])  # "unknown activation ..." otherwise
+    momentum = options.get("bn_momentum", 0.01)
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 <= momentum <= 1:
+        raise AdvewsError(f"model.options bn_momentum must be a number in [0, 1], got {momentum!r}")
+
+
+@gin.configurable("model")
+def model_spec(arch: str = DEFAULT_ARCH, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The architecture name and its keyword options; the data adds classes, channels and normalisation."""
+    options = {} if options is None else options
+    check_options(arch, options)
+    return {"arch": arch, "options": dict(options)}
 
 
 def build_model(spec: Dict[str, Any]) -> Normalized:
@@ -54,8 +100,7 @@ def build_model(spec: Dict[str, Any]) -> Normalized:
     The same dict is stored in checkpoints, so a checkpoint alone rebuilds its model.
     """
     arch = spec["arch"]
-    if arch not in ARCHITECTURES:
-        raise AdvewsError(f"unknown model {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    check_options(arch, spec.get("options", {}))
     try:
         net = ARCHITECTURES[arch](
             num_classes=spec["num_classes"], in_channels=spec["in_channels"], **spec.get("options", {})
@@ -66,8 +111,8 @@ def build_model(spec: Dict[str, Any]) -> Normalized:
 
 
 __all__ = [
-    "ARCHITECTURES", "BasicBlock", "Bottleneck", "DMBlock", "DMWideResNet", "Normalized",
-    "PreActBlock", "PreActResNet", "ResNet", "WideBlock", "WideResNet", "build_model", "dm_wrn_28_10",
+    "ARCHITECTURES", "DEFAULT_ARCH", "BasicBlock", "Bottleneck", "DMBlock", "DMWideResNet", "Normalized",
+    "PreActBlock", "PreActResNet", "ResNet", "WideBlock", "WideResNet", "build_model", "check_options", "dm_wrn_28_10",
     "dm_wrn_70_16", "model_spec", "preact_resnet18", "resnet18", "resnet50", "small_preact_resnet",
     "tv_resnet50", "wrn_28_10", "wrn_34_10",
 ]

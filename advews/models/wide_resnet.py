@@ -6,6 +6,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from advews.errors import AdvewsError
 from advews.models.activation import activation_fn
 
 
@@ -46,8 +47,8 @@ class WideResNet(nn.Module):
     ):
         super().__init__()
         self.act = activation_fn(activation)
-        if (depth - 4) % 6 != 0:
-            raise ValueError(f"WideResNet depth must be 6n+4 (e.g. 28, 34), got {depth}")
+        if depth < 10 or (depth - 4) % 6 != 0:
+            raise AdvewsError(f"wide_resnet depth must be 6n+4 with n >= 1 (e.g. 28, 34), got {depth}")
         n = (depth - 4) // 6
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
