@@ -11,6 +11,7 @@ import signal
 import sys
 
 import pytest
+import torch
 import small_disk
 from bad_input_world import snapshot
 from test_reliability import assert_same_run
@@ -79,8 +80,15 @@ def fail_writes(monkeypatch, name, first=1):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
+    """One thread, as the subprocesses on the small disk (OMP_NUM_THREADS=1): a module fixture is
+    built before the function-scoped ``one_thread``, and other thread counts round differently."""
     run = tmp_path_factory.mktemp("disk_full") / "reference"
-    assert train_main(argv(run, "train.epochs = 2")) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert train_main(argv(run, "train.epochs = 2")) == 0
+    finally:
+        torch.set_num_threads(threads)
     return run
 
 
