@@ -65,3 +65,33 @@ def run_on_small_disk(workdir: str, argv: Sequence[str], size: str = "8M", free:
 
 
 PY = sys.executable
+
+
+def failing_open(real_open, error: Optional[BaseException] = None):
+    """``open`` whose files opened for writing raise ``error`` (default ENOSPC, as a full disk) on the
+    first write: the fault-injected twin of ``run_on_small_disk``."""
+    import errno
+
+    error = error or OSError(errno.ENOSPC, "No space left on device")
+
+    class Failing:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise error
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def opener(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Failing(f) if "w" in mode else f
+
+    return opener

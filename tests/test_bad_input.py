@@ -23,7 +23,9 @@ import pytest
 import torch
 from bad_input_world import snapshot
 
+from advews.cli.data import main as data_main
 from advews.cli.eval import main as eval_main
+from advews.cli.export import main as export_main
 from advews.cli.train import main as train_main
 from advews.data import ArrayDataset
 from advews.errors import AdvewsError
@@ -297,6 +299,7 @@ def _id(case) -> str:
     return (case.values[0] if hasattr(case, "values") else case).id
 
 
+MAINS = {"train": train_main, "eval": eval_main, "export": export_main, "data": data_main}
 QUIET_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
 
 
@@ -312,7 +315,7 @@ def run_case(case: Bad, capfd) -> Tuple[object, str]:
                 case.args()
                 result = "no error"
             else:
-                result = (train_main if case.tool == "train" else eval_main)(list(case.args))
+                result = MAINS[case.tool](list(case.args))
         except SystemExit as e:  # argparse
             result = e.code
         except AdvewsError as e:
@@ -343,14 +346,14 @@ def check_outcome(case: Bad, result: object, err: str) -> None:
         assert case.forbid not in lines[0], f"{case.id}: unclear message {lines[0]!r}"
 
 
-def check_row(case: Bad, where: str, monkeypatch, capfd, run=None) -> object:
-    """Run one row in the directory ``where`` (``run``: how, default ``run_case``) and assert its
-    outcome and that nothing there changed; returns the result (exit code or AdvewsError)."""
+def check_row(case: Bad, where: str, monkeypatch, capfd) -> object:
+    """Run one row in the directory ``where`` and assert its outcome and that nothing there changed;
+    returns the result (exit code or AdvewsError)."""
     monkeypatch.chdir(where)
     monkeypatch.setattr(sys, "path", list(sys.path))  # --model and gin imports add the working directory
     capfd.readouterr()
     before = snapshot(where)
-    result, err = (run or run_case)(case, capfd)
+    result, err = run_case(case, capfd)
     after = snapshot(where)
     check_outcome(case, result, err)
     assert after == before, f"{case.id} changed files: " + ", ".join(

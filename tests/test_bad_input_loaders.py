@@ -15,19 +15,15 @@ import json
 import os
 import shutil
 import struct
-import traceback
-import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import pytest
 import torch
-from test_bad_input import QUIET_BY_DEFAULT, Bad, api, call, check_row, ev, run_case
+from test_bad_input import Bad, api, call, check_row, ev
 
-from advews.cli.data import main as data_main
 from advews.cli.export import main as export_main
 from advews.engine.checkpoint import HASH_KEY, load_checkpoint, save_checkpoint
-from advews.errors import AdvewsError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 N = ("--n-examples", "8", "--attack", "none")
@@ -209,32 +205,9 @@ CASES = [
 ]
 
 
-def _run(case: Bad, capfd) -> Tuple[object, str]:
-    """run_case for the tools the shared runner does not know (advews-export, advews-data)."""
-    if case.tool in ("train", "eval", "api"):
-        return run_case(case, capfd)
-    extra = []
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for category in QUIET_BY_DEFAULT:
-            warnings.simplefilter("ignore", category)
-        try:
-            result = (export_main if case.tool == "export" else data_main)(list(case.args))
-        except SystemExit as e:
-            result = e.code
-        except AdvewsError:
-            result = "AdvewsError escaped main"
-        except Exception:  # noqa: BLE001 - a traceback is what the table looks for
-            result, extra = "exception", traceback.format_exc().splitlines()
-    err = capfd.readouterr().err.splitlines() + extra
-    for w in caught:
-        err += warnings.formatwarning(w.message, w.category, w.filename, w.lineno).splitlines()
-    return result, "\n".join(err)
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_bad_loader_input_is_one_line_and_changes_nothing(case: Bad, loaders: str, monkeypatch, capfd) -> None:
-    check_row(case, loaders, monkeypatch, capfd, run=_run)
+    check_row(case, loaders, monkeypatch, capfd)
 
 
 def test_the_intact_export_and_checkpoint_still_load(loaders: str, monkeypatch, capfd) -> None:

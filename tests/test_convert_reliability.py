@@ -29,31 +29,6 @@ def source(tmp_path):
     return str(tmp_path / "src.npz"), images, labels
 
 
-def _failing_open(real_open, error):
-    """``open`` whose files opened for writing raise ``error`` on the first write."""
-    class Failing:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            raise error
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def opener(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        return Failing(f) if "w" in mode else f
-
-    return opener
-
-
 @pytest.mark.parametrize("existing", [False, True])
 def test_convert_on_a_full_disk_is_exit_4_and_leaves_nothing(source, tmp_path, monkeypatch, capfd, existing):
     """DF9, fault-injected: the line names the output file and the full disk, not the input."""
@@ -61,7 +36,7 @@ def test_convert_on_a_full_disk_is_exit_4_and_leaves_nothing(source, tmp_path, m
     if existing:
         out.mkdir(parents=True)
         (out / "notes.txt").write_text("mine\n")
-    monkeypatch.setattr(convert_mod, "open", _failing_open(open, OSError(errno.ENOSPC, "No space left on device")),
+    monkeypatch.setattr(convert_mod, "open", small_disk.failing_open(open, OSError(errno.ENOSPC, "No space left on device")),
                         raising=False)
     capfd.readouterr()
     assert data_main(["convert", source[0], str(out)]) == DISK_FULL_EXIT
@@ -72,7 +47,7 @@ def test_convert_on_a_full_disk_is_exit_4_and_leaves_nothing(source, tmp_path, m
 
 
 def test_another_write_error_blames_the_output_not_the_input(source, tmp_path, monkeypatch, capfd):
-    monkeypatch.setattr(convert_mod, "open", _failing_open(open, OSError(errno.EIO, "Input/output error")),
+    monkeypatch.setattr(convert_mod, "open", small_disk.failing_open(open, OSError(errno.EIO, "Input/output error")),
                         raising=False)
     capfd.readouterr()
     assert data_main(["convert", source[0], str(tmp_path / "out")]) == 2

@@ -8,7 +8,6 @@ that fills up under advews-export is exit 4 and leaves nothing behind.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -119,31 +118,6 @@ def test_resume_rng_entries_are_checked(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
-def _full_disk_write(real_open):
-    """``open`` whose files raise ENOSPC on the first write, as a full disk does."""
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    def opener(path, mode="r", *args, **kwargs):
-        f = real_open(path, mode, *args, **kwargs)
-        return Full(f) if "w" in mode else f
-
-    return opener
-
-
 @pytest.mark.parametrize("existing", [False, True])
 def test_export_on_a_full_disk_is_exit_4_and_leaves_nothing(good, tmp_path, monkeypatch, capfd, existing):
     """DF8, fault-injected: one line naming the file and the full disk; no partial file, and no
@@ -151,7 +125,7 @@ def test_export_on_a_full_disk_is_exit_4_and_leaves_nothing(good, tmp_path, monk
     out = tmp_path / "out" / "ex"
     if existing:
         out.mkdir(parents=True)
-    monkeypatch.setattr(export_mod, "open", _full_disk_write(open), raising=False)
+    monkeypatch.setattr(export_mod, "open", small_disk.failing_open(open), raising=False)
     capfd.readouterr()
     assert export_main([os.path.join(good, "G.pt"), str(out)]) == DISK_FULL_EXIT
     err = capfd.readouterr().err.strip().splitlines()
