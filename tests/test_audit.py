@@ -168,6 +168,11 @@ def test_resume_and_shards_give_the_card_of_one_run(honest, tmp_path):
     json.dump(edited, open(paths[0], "w"))
     with pytest.raises(AdvewsError, match="changed after it was written"):
         merge_audits(paths)
+    from advews.api.eval_state import StateLock
+
+    with StateLock(state + ".lock", "--state", "wait"):  # a second process on the same state file
+        with pytest.raises(AdvewsError, match=r"in use by another advews process \(pid \d+\)"):
+            run_audit(model, x, y, settings, batch_size=20, state_path=state)
     with pytest.raises(AdvewsError, match="another audit"):
         run_audit(model, x, y, AuditSettings(eps=0.1, indicators=("noise",)), batch_size=20, state_path=state)
 

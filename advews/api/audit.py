@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from advews.api.arguments import public
+from advews.api.eval_state import LOCK_ADVICE, StateLock
 from advews.data.fingerprint import tensor_fingerprint
 from advews.errors import AdvewsError
 from advews.evaluation.audit import INDICATORS, AuditSettings, add, audit_batch, is_randomized, judge, verdict
@@ -128,9 +129,8 @@ def run_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Audi
               surrogate_name: Optional[str] = None, state_path: Optional[str] = None,
               shard: Optional[Sequence[int]] = None, log: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
     """The audit's counts on (a shard of) ``x``, ``y`` and, unless sharded, its indicators and verdict.
-    ``shard`` = (i, n): run only the i-th of n contiguous ranges of batches."""
-    from advews.attacks.base import frozen
-
+    ``shard`` = (i, n): run only the i-th of n contiguous ranges of batches. A ``state_path`` is locked
+    for the whole audit: a second process on it is refused in one line naming the holder's pid."""
     say = log or (lambda _: None)
     device = device or next((p.device for p in model.parameters()), torch.device("cpu"))
     x, y = x.detach().cpu(), y.detach().cpu()
@@ -140,7 +140,23 @@ def run_audit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Audi
         i, count = shard
         first, stop = i * n_batches // count, (i + 1) * n_batches // count
     identity = _identity(settings, model, x, y, batch_size, surrogate_name)
-    state = _load_state(state_path, identity)  # batches are numbered globally: a whole run reuses a shard's
+    _load_state(state_path, identity)  # refused before the lock file is made
+    lock = StateLock(f"{state_path}.lock", f"--state {state_path}", LOCK_ADVICE).acquire() if state_path else None
+    try:
+        return _run_batches(model, x, y, settings, identity, batch_size, device, surrogate, state_path,
+                            first, stop, say)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: AuditSettings,
+                 identity: Dict[str, Any], batch_size: int, device: torch.device, surrogate: Optional[nn.Module],
+                 state_path: Optional[str], first: int, stop: int, say: Callable[[str], None]) -> Dict[str, Any]:
+    """The audit's batches ``first`` to ``stop``, each saved to the state as it ends, then the card."""
+    from advews.attacks.base import frozen
+
+    state = _load_state(state_path, identity)  # read again under the lock; batches are numbered globally
     start = time.time()
     with frozen(model):
         if surrogate is not None:
