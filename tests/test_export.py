@@ -36,7 +36,8 @@ def test_round_trip_is_bit_identical_and_needs_no_pickle(checkpoint, tmp_path, m
     path, model = checkpoint
     out = tmp_path / "export"
     assert export_main([str(path), str(out)]) == 0
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.gin", "config.json", "model.safetensors"]
+    assert (out / "config.gin").read_text() == "train.defense = 'AT_EWS'"  # the recipe stored in the checkpoint
     config = json.loads((out / "config.json").read_text())
     assert config["model_spec"]["arch"] == "small_preact_resnet" and config["defense"] == "AT_EWS"
     assert config["threat_model"] == {"eps": 0.3, "norm": "Linf"} and config["data_spec"]["dataset"] == "mnist5k"
@@ -80,7 +81,9 @@ def test_export_refuses_to_overwrite_and_bad_sources(checkpoint, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "already holds an export" in err[0] and "--force" in err[0]
     assert (out / "model.safetensors").read_bytes() == before
+    (out / "model_info.json").write_text("{}")  # an earlier export's: --force leaves nothing of it behind
     assert export_main([str(path), str(out), "--force"]) == 0
+    assert not (out / "model_info.json").exists()
     assert export_main([str(tmp_path / "nope.pt"), str(tmp_path / "x")]) == 2
     (out / "model.safetensors").write_bytes(b"not a safetensors file")
     assert eval_main(["--checkpoint", str(out), "--n-examples", "8"]) == 2

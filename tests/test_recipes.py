@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 
+import gin
 import numpy as np
 import pytest
 from PIL import Image
@@ -12,6 +13,13 @@ from advews.cli.common import available_recipes, parse_gin, recipe_dir
 from advews.engine.trainer import Trainer
 
 RECIPES = available_recipes()
+# The timm recipes train a tiny model of their own family (and keep its ConvStem where they set one).
+TINY_TIMM = {
+    "timm:deit_small_patch16_224": "{'img_size': 32, 'patch_size': 8, 'depth': 1, 'embed_dim': 16, 'num_heads': 2, "
+                                   "'conv_stem': True, 'conv_stem_width': 4}",
+    "timm:convnext_tiny": "{'depths': (1, 1, 1, 1), 'dims': (8, 8, 8, 8), 'conv_stem': True}",
+    "timm:vit_tiny_patch16_224": "{'img_size': IMG, 'patch_size': 4, 'depth': 1, 'embed_dim': 16, 'num_heads': 2}",
+}
 
 
 def write_cifar10(root, n_train=24, n_test=8):
@@ -57,7 +65,8 @@ def stand_in(tmp_path_factory):
 def test_recipe_list_covers_the_paper_rows():
     rows = ["standard", "standard_dropout", "autoaugment", "augmix", "at", "at_awp", "trades", "trades_awp",
             "trades_awp_unlabeled", "standard_imagenet", "augmix_imagenet", "deepaugment_imagenet",
-            "deepaugment_augmix_imagenet", "trades_dm", "quickstart"]
+            "deepaugment_augmix_imagenet", "trades_dm", "quickstart", "at_vit_imagenet", "at_convnext_imagenet",
+            "at_vit_cifar", "quickstart_vit"]
     for row in rows:
         assert row in RECIPES and f"{row}_ews" in RECIPES
 
@@ -66,9 +75,14 @@ def test_recipe_list_covers_the_paper_rows():
 def test_recipe_runs_two_steps(recipe, stand_in, tmp_path):
     text = open(os.path.join(recipe_dir(), recipe + ".gin")).read()
     assert text.startswith("#"), "every recipe opens with a header comment saying what it reproduces"
-    tiny = [
+    parse_gin([recipe + ".gin"], [])
+    arch = gin.query_parameter("model.arch")
+    if arch in TINY_TIMM:
+        model = [f"model.options = {TINY_TIMM[arch].replace('IMG', '28' if 'quickstart' in recipe else '32')}"]
+    else:
+        model = ["model.arch = 'small_preact_resnet'", "model.options = {'widths': (8, 16, 16)}"]
+    tiny = model + [
         "train.epochs = 1", "train.batch_size = 8", "train.val_steps = 1", "train.eval_batch_size = 8",
-        "model.arch = 'small_preact_resnet'", "model.options = {'widths': (8, 16, 16)}",
         "data.val_size = 8", "data.train_limit = 16", "data.test_limit = 8",
         "AT.steps = 1", "TRADES.steps = 1", "MART.steps = 1", "AWP.warmup_epochs = 0",
     ]

@@ -24,7 +24,7 @@ TINY = [
     "model.options = {'widths': (8, 16, 16)}",
 ]  # 4 steps per epoch (quickstart batch 64)
 EWS = ["train.defense = 'AT_EWS'", "EWS.interval = 2", "EWS.num_samples = 2"]
-TIMES = ("train_time", "epoch_time")
+TIMES = ("train_time", "epoch_time", "device_seconds", "device_seconds_total")
 COMPARED = ("epoch", "step", "model", "optimizer", "scheduler", "precision", "defense_state", "rng", "best",
             "guard", "partial")
 

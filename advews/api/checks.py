@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from advews.attacks.autoattack import AA_ATTACKS
+from advews.attacks.custom import SPEC_FORM, attack_class, is_spec
 from advews.attacks.zoo import ZOO
 from advews.api.options import NORMS, SEARCH_BN, VERSIONS, EvalOptions
 from advews.errors import AdvewsError
@@ -74,11 +76,18 @@ def check_analysis_flags(args: EvalOptions, has_dataset: bool) -> None:
 
 
 def parse_attacks(spec: str) -> List[str]:
-    """The attack names of a comma-separated ``--attack``, checked."""
+    """The attack names of a comma-separated ``--attack``, checked; a user's MODULE:CLASS is imported
+    now (from the working directory first, as advews-train imports a recipe's modules), so a bad one
+    is refused before anything loads."""
     names = [n.strip() for n in spec.split(",")]
-    bad = [n for n in names if n not in ATTACKS]
+    bad = [n for n in names if n not in ATTACKS and not is_spec(n)]
     if bad:
-        raise AdvewsError(f"unknown --attack {bad[0]!r}; choose from {', '.join(ATTACKS)} (comma-separated)")
+        raise AdvewsError(f"unknown --attack {bad[0]!r}; choose from {', '.join(ATTACKS)} or {SPEC_FORM} "
+                          "(comma-separated)")
+    if any(is_spec(n) for n in names) and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    for name in filter(is_spec, names):
+        attack_class(name)
     if len(set(names)) != len(names):
         raise AdvewsError(f"--attack {spec!r} names an attack twice")
     if "none" in names and len(names) > 1:
@@ -154,14 +163,14 @@ def _check_state(path: str) -> None:
 
 def check_checkpoint(path: str, state: Dict[str, Any]) -> None:
     """An advews checkpoint names a known architecture and its classes and channels."""
-    from advews.models import ARCHITECTURES
+    from advews.models import ARCHITECTURES, known_arch
 
     spec = state.get("model_spec")
     if not isinstance(spec, dict):
         raise AdvewsError(f"{path} is not an advews checkpoint (no model_spec)")
-    if spec.get("arch") not in ARCHITECTURES:
+    if not known_arch(spec.get("arch")):
         raise AdvewsError(f"{path}: model_spec names unknown model {spec.get('arch')!r}; "
-                          f"this advews knows {', '.join(sorted(ARCHITECTURES))}")
+                          f"this advews knows {', '.join(sorted(ARCHITECTURES))} and timm:NAME")
     for key, low in (("num_classes", 2), ("in_channels", 1)):
         if not isinstance(spec.get(key), int) or spec[key] < low:
             raise AdvewsError(f"{path}: model_spec {key} must be an integer >= {low}, got {spec.get(key)!r}")

@@ -61,6 +61,7 @@ def make_attack(name: str, args: EvalOptions, eps: float, norm: str, cascade: Op
     (``run_autoattack`` runs it) and is only checked here, before anything slow runs."""
     from advews.attacks import FGSM, PGD
     from advews.attacks.autoattack import check_options
+    from advews.attacks.custom import attack_class, build_custom, is_spec
     from advews.attacks.zoo import build_zoo_attack
 
     if name == "fgsm":
@@ -74,15 +75,19 @@ def make_attack(name: str, args: EvalOptions, eps: float, norm: str, cascade: Op
         check_options(eps=eps, norm=norm, version=args.version, attacks=cascade)
         params = {"eps": eps, "norm": norm, "version": args.version, "seed": args.seed}
         return None, ({**params, "aa_attacks": cascade} if cascade else params)
-    attack = build_zoo_attack(name, eps=eps, norm=norm, steps=args.steps, step_size=args.step_size,
-                              restarts=args.restarts, seed=args.seed)
+    if is_spec(name):  # a user's MODULE:CLASS; fields it lacks (restarts, seed) are not passed
+        attack = build_custom(attack_class(name), f"--attack {name!r}", eps=eps, norm=norm, steps=args.steps,
+                              step_size=args.step_size, restarts=args.restarts, seed=args.seed)
+    else:
+        attack = build_zoo_attack(name, eps=eps, norm=norm, steps=args.steps, step_size=args.step_size,
+                                  restarts=args.restarts, seed=args.seed)
     return attack, {f.name: getattr(attack, f.name) for f in dataclasses.fields(attack) if f.name != "autocast"}
 
 
 def prepare(args: EvalOptions, model: Optional[nn.Module] = None, figures: Optional[str] = None) -> Prepared:
     """Check everything that can be refused before anything slow (flags, outputs, the ``figures``
     stem's folder), then load the model (``model``, else the one ``args`` names) and the data."""
-    from advews.engine.trainer import resolve_device
+    from advews.engine.devices import resolve_device
 
     given = facts(model) if model is not None else None
     check_flags(args, has_dataset=bool(args.checkpoint or (given and given.data_spec)))
@@ -180,22 +185,28 @@ def score_attacks(
     args: EvalOptions, run: Prepared,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Dict[str, Dict[str, Any]], Dict[str, Dict[str, torch.Tensor]]]:
     """Per-example clean and per-attack robust flags, the JSON entry of each attack, and the per-stage
-    flags of cascades. Each attack starts from ``--seed``, so its numbers do not depend on the others."""
+    flags of cascades. Each attack starts from ``--seed``, so its numbers do not depend on the others.
+    Each entry also holds the attack's ``forward_passes`` and ``backward_passes`` through the model
+    per example (its final predictions included) and its ``flops`` (``engine.ledger.AttackCost``)."""
+    from advews.engine.ledger import AttackCost
+
     clean = correct_flags(run.model, run.data, batch_size=args.batch_size, device=run.device, desc="clean")
     robust: Dict[str, torch.Tensor] = {}
     entries: Dict[str, Dict[str, Any]] = {}
     stages: Dict[str, Dict[str, torch.Tensor]] = {}
+    cost = AttackCost(run.model, next(iter(run.data.batches(1, device=run.device)))[0]) if run.attacks else None
     for name, attack in run.attacks.items():
         torch.manual_seed(args.seed)
         start = time.time()
         extra: Dict[str, Any] = {}
-        if name == "autoattack":
-            res = run_autoattack_on(args, run, run.params[name])
-            robust[name], stages[name] = res["robust"], res["stage_robust"]
-            extra = {"stages": res["stages"], "warnings": res["warnings"]}
-        else:
-            robust[name] = correct_flags(run.model, run.data, attack, batch_size=args.batch_size, device=run.device,
-                                         desc=name)
+        with cost.count(extra, len(clean)):
+            if name == "autoattack":
+                res = run_autoattack_on(args, run, run.params[name])
+                robust[name], stages[name] = res["robust"], res["stage_robust"]
+                extra.update(stages=res["stages"], warnings=res["warnings"])
+            else:
+                robust[name] = correct_flags(run.model, run.data, attack, batch_size=args.batch_size,
+                                             device=run.device, desc=name)
         entries[name] = {"robust_acc": fraction(robust[name]), **run.params[name], **extra,
                          "seconds": round(time.time() - start, 2)}
     return clean, robust, entries, stages
@@ -218,14 +229,15 @@ def fraction(flags: torch.Tensor) -> float:
     return int(flags.sum()) / max(len(flags), 1)
 
 
-def write_json(path: Optional[str], result: Dict[str, Any]) -> List[str]:
-    """Write --output (if given) atomically; a failure writes a fallback file and returns the line saying where."""
+def write_json(path: Optional[str], result: Dict[str, Any], command: Optional[str] = None) -> List[str]:
+    """Write --output (if given) atomically, with the ``command`` line that produced it when given (an
+    export's model card cites it); a failure writes a fallback file and returns the line saying where."""
     if not path:
         return []
 
     def write(target: str) -> None:
         with open(target, "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump({**result, "command": command} if command else result, f, indent=2)
 
     _, failure = write_result(path, "--output", write)
     return [failure] if failure else []

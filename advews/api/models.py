@@ -62,7 +62,7 @@ def load_model(
     ``weights_from``: a checkpoint's 'ema' or 'live' weights (like --weights-from; default its EMA's
     when it has one)."""
     check_arguments("load_model", locals())
-    from advews.engine.trainer import resolve_device
+    from advews.engine.devices import resolve_device
 
     path, weights = (None if p is None else os.fspath(p) for p in (path, weights))
     check_model_source(EvalOptions(checkpoint=path, arch=arch, weights=weights, normalization=normalization,
@@ -83,14 +83,17 @@ def checkpoint_model(path: str, device: torch.device, weights_from: Optional[str
     what it records, and weights that fit its model_spec, are finite and never divide by a zero std
     (``engine.model_check``), each refused in one line. data_spec keys unknown to this advews are
     dropped with a warning that names them."""
-    from advews.engine.checkpoint import load_checkpoint
     from advews.engine.ema import select_weights
     from advews.engine.export import is_export, load_export
     from advews.engine.model_check import check_state_types, check_weights
     from advews.models import build_model
 
-    state = (load_export(path, map_location=device) if is_export(path)
-             else load_checkpoint(path, map_location=device))
+    if is_export(path):  # config.json and model.safetensors only: no pickle, no training code
+        state = load_export(path, map_location=device)
+    else:
+        from advews.engine.checkpoint import load_checkpoint
+
+        state = load_checkpoint(path, map_location=device)
     data_spec = check_state_types(path, state)  # before check_checkpoint, which assumes the types
     check_checkpoint(path, state)
     weights, which = select_weights(state, weights_from, path)

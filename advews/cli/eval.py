@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
@@ -34,8 +35,10 @@ ATTACK_HELP = (
     "is robust only if it survives every attack): pgd, fgsm (advews); cw (Carlini-Wagner L2, projected "
     "onto the eps-ball), apgd-ce, apgd-dlr, square (steps = queries), fab, mifgsm (torchattacks); "
     "autoattack (the reference AutoAttack via pyautoattack; torchattacks' own AutoAttack differs from it "
-    "and is not offered); none: clean accuracy only. Default pgd, but none when --corruptions is given "
-    "(name attacks explicitly to run both)"
+    "and is not offered); your own attack as MODULE:CLASS, a subclass of advews.attacks.Attack imported from "
+    "the current directory first (e.g. attacks.multi_targeted:MultiTargetedPGD; it gets --eps, --norm, --steps, "
+    "--step-size, --restarts and --seed where it has such fields); none: clean accuracy only. Default pgd, but "
+    "none when --corruptions is given (name attacks explicitly to run both)"
 )
 
 EPILOG = ("exit codes: 0 done; 2 bad input or a refusal (one line on stderr, e.g. a --state file of another "
@@ -169,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _main(args: EvalOptions) -> int:
+def _main(args: EvalOptions, command: Optional[str] = None) -> int:
     from advews.api.evaluate import prepare, report_failures, run_evaluation, write_json
     from advews.api.extended import needs_extended, run_extended, run_merge
 
@@ -178,7 +181,7 @@ def _main(args: EvalOptions) -> int:
     if args.merge:
         result, failed = run_merge(args)
         print_report(result)
-        report_failures(failed + write_json(args.output, result))
+        report_failures(failed + write_json(args.output, result, command))
         return 0
     if args.analysis == "subnets":
         return _analyze(args)
@@ -193,7 +196,7 @@ def _main(args: EvalOptions) -> int:
         from advews.evaluation.corruptions import format_table
 
         print(format_table(result["corruptions"]))
-    report_failures(failed + write_json(args.output, result))
+    report_failures(failed + write_json(args.output, result, command))
     return 0
 
 
@@ -272,15 +275,16 @@ def print_report(result: Dict[str, Any]) -> None:
         _print_lines(extra_lines(result))
         return
     print(f"{'clean acc':<12}{100 * result['clean_acc']:.2f}%")
-    print(f"{'attack':<16}{'robust acc':>11}  parameters")
+    width = max([16] + [len(n) + 2 for n in attacks])  # a user's MODULE:CLASS name is long
+    print(f"{'attack':<{width}}{'robust acc':>11}  parameters")
     for name, entry in attacks.items():
         params = {k: v for k, v in entry.items() if k not in NOT_PARAMS}
-        print(f"{name:<16}{100 * entry['robust_acc']:>10.2f}%  {_format_params(params)}")
+        print(f"{name:<{width}}{100 * entry['robust_acc']:>10.2f}%  {_format_params(params)}")
         for stage in entry.get("stages", []):
-            print(f"{'  after ' + stage['attack']:<16}{100 * stage['robust_acc']:>10.2f}%")
+            print(f"{'  after ' + stage['attack']:<{width}}{100 * stage['robust_acc']:>10.2f}%")
         for warning in entry.get("warnings", []):
             print(f"  warning: {warning}")
-    print(f"{'worst case':<16}{100 * result['robust_acc']:>10.2f}%  robust only if every attack above fails")
+    print(f"{'worst case':<{width}}{100 * result['robust_acc']:>10.2f}%  robust only if every attack above fails")
     _print_lines(extra_lines(result))
 
 
@@ -324,8 +328,10 @@ def _once(body: Callable[[], int]) -> Callable[[], int]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_cli("advews-eval", _once(lambda: _main(EvalOptions(**vars(args)))))
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(words)
+    command = shlex.join(["advews-eval", *words])  # recorded in --output
+    return run_cli("advews-eval", _once(lambda: _main(EvalOptions(**vars(args)), command)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="advews-report", description="Group advews-train runs by configuration (config.gin minus "
         "train.seed and output paths), print mean ± sd over seeds of each metric (metrics.jsonl's final "
-        "validation accuracies and every advews-eval --output JSON in the run directory), and the paired "
+        "validation accuracies, the run's compute cost, and every advews-eval --output JSON in the run "
+        "directory), and the paired "
         "difference by seed with its 95% Student-t CI between two groups or against --baseline.")
     p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="advews-train output directories")
     p.add_argument("--group-by", metavar="KEYS", help="comma-separated gin keys to group by instead of the "
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "label or key=value pairs, e.g. 'train.defense=AT' (default: the first of exactly two)")
     p.add_argument("--label", action="append", default=[], metavar="NAME=GROUP",
                    help="rename a group, e.g. --label 'EWS (authors)=EWS.rho=0.9' (repeatable)")
+    p.add_argument("--cost-to", metavar="PERCENT", help="also the cost to reach this val robust accuracy (in "
+                   "percent): the first epoch whose val_robust_acc reaches it and the PFLOPs spent by then")
     p.add_argument("--format", default="md", help=f"table format: {', '.join(FORMATS)} (default md)")
     return p
 
@@ -46,7 +49,7 @@ def _split(text: Optional[str]) -> Optional[List[str]]:
 
 def _main(args: argparse.Namespace) -> int:
     print(report(args.run_dirs, group_by=_split(args.group_by), metrics=_split(args.metrics), fmt=args.format,
-                 baseline=args.baseline, labels=_labels(args.label)), end="")
+                 baseline=args.baseline, labels=_labels(args.label), cost_to=args.cost_to), end="")
     return 0
 
 

@@ -8,6 +8,12 @@ dataset, classes, training threat model, defense) plus the advews version that w
 ``advews-eval --checkpoint DIR`` evaluates an export exactly as it evaluates the checkpoint. The
 weights are the ones the checkpoint is evaluated with by default: its EMA's when it was trained with
 one (unless ``train.select_on = 'live'``), else the live model's; ``weights`` in the config says which.
+
+Beside them, what makes the directory a model repository as the hubs lay it out (one ``hf upload``
+shares it): ``README.md``, the model card with the results of the evaluation JSONs next to the
+checkpoint (``engine.model_card``), those JSONs under ``evaluations/``, ``config.gin`` (the training
+recipe), and with ``robustbench`` a RobustBench ``model_info.json`` (``engine.robustbench_info``).
+Loading reads only config.json and model.safetensors.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -28,6 +34,7 @@ from advews.locks import tmp_name
 from advews.outputs import check_output_dir, make_dirs, remove_dirs
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+README, GIN, INFO, EVALUATIONS = "README.md", "config.gin", "model_info.json", "evaluations"
 FORMAT = 1
 HASH = "sha256"  # config.json: {"sha256": {"model.safetensors": hex digest}}
 _CARRIED = ("model_spec", "data_spec", "threat_model", "defense", "epoch")
@@ -52,14 +59,28 @@ def _write_tmp(path: str, data: bytes) -> str:
     return tmp
 
 
-def export_model(checkpoint: str, out_dir: str, force: bool = False) -> Dict[str, Any]:
-    """Write ``checkpoint``'s model to ``out_dir``; returns the config. Refuses to overwrite an
-    export unless ``force``; checks the directory, then the checkpoint's model, before writing."""
-    targets = [os.path.join(out_dir, f) for f in (WEIGHTS, CONFIG)]
-    if not force and any(os.path.exists(t) for t in targets):
-        raise AdvewsError(f"{out_dir} already holds an export ({WEIGHTS}, {CONFIG}); pass --force or choose "
-                          "another DIR")
-    check_output_dir(out_dir)
+def _recipe(checkpoint: str, state: Dict[str, Any]) -> Optional[bytes]:
+    """The run's operative gin config: config.gin beside the checkpoint, else the one it stores."""
+    path = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), GIN)
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        config = state.get("config")
+        return config.encode() if isinstance(config, str) and config else None
+
+
+def _owned(out_dir: str) -> List[str]:
+    """The files an earlier export left in ``out_dir`` (the ones an export writes)."""
+    names = [f for f in (WEIGHTS, CONFIG, README, GIN, INFO) if os.path.lexists(os.path.join(out_dir, f))]
+    folder = os.path.join(out_dir, EVALUATIONS)
+    if os.path.isdir(folder):
+        names += sorted(os.path.join(EVALUATIONS, f) for f in os.listdir(folder) if f.endswith(".json"))
+    return names
+
+
+def _contents(checkpoint: str, out_dir: str, name: Optional[str], robustbench: bool) -> Tuple[Dict[str, bytes], Dict[str, Any]]:
+    """Every file of the export (relative name -> bytes) and its config, all checked before any is written."""
     state = load_checkpoint(checkpoint)
     check_state_types(checkpoint, state)
     if not isinstance(state.get("model"), dict):
@@ -68,19 +89,58 @@ def export_model(checkpoint: str, out_dir: str, force: bool = False) -> Dict[str
     check_weights(checkpoint, state["model_spec"], weights)
     from safetensors.torch import save
 
+    from advews.engine.evaluations import find_evaluations
+    from advews.engine.model_card import card_text
+
     data = save({k: v.detach().cpu().contiguous() for k, v in weights.items()}, metadata={"format": "pt"})
+    digest = hashlib.sha256(data).hexdigest()
     config = {"format": FORMAT, "advews_version": __version__, "source": os.path.basename(checkpoint), "weights": which,
-              HASH: {WEIGHTS: hashlib.sha256(data).hexdigest()}, **{k: state.get(k) for k in _CARRIED}}
-    text = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+              HASH: {WEIGHTS: digest}, **{k: state.get(k) for k in _CARRIED}}
+    name = name or os.path.basename(os.path.normpath(os.path.abspath(out_dir)))
+    evaluations, skipped = find_evaluations(checkpoint, state.get("epoch"), which)
+    files = {WEIGHTS: data, CONFIG: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()}
+    recipe = _recipe(checkpoint, state)
+    if recipe is not None:
+        files[GIN] = recipe
+    if robustbench:
+        from advews.engine.robustbench_info import model_info, pick_standard
+
+        info = model_info(pick_standard(evaluations, config, checkpoint), config, name, digest)
+        files[INFO] = (json.dumps(info, indent=2) + "\n").encode()
+    files.update({f"{EVALUATIONS}/{e.name}": e.raw for e in evaluations})
+    hashes = {f: hashlib.sha256(content).hexdigest() for f, content in files.items()}
+    files[README] = card_text(config, name, evaluations, hashes).encode()
+    for line in skipped:
+        warn_once(line, line)
+    return files, config
+
+
+def export_model(checkpoint: str, out_dir: str, force: bool = False, name: Optional[str] = None,
+                 robustbench: bool = False) -> Dict[str, Any]:
+    """Write ``checkpoint``'s model and its model card to ``out_dir`` (``name``: the card's, default
+    the directory's name; ``robustbench``: also model_info.json, refused unless a standard AutoAttack
+    evaluation lies next to the checkpoint); returns the config. Refuses to overwrite an export unless
+    ``force`` (which also removes the files of the earlier export this one does not rewrite); checks
+    the directory, the checkpoint's model and the evaluations before writing."""
+    earlier = _owned(out_dir) if os.path.isdir(out_dir) else []
+    if not force and earlier:
+        shown = [f for f in earlier if "/" not in f] + ([EVALUATIONS + "/"] if any("/" in f for f in earlier) else [])
+        raise AdvewsError(f"{out_dir} already holds an export ({', '.join(shown)}); pass --force or choose "
+                          "another DIR")
+    check_output_dir(out_dir)
+    files, config = _contents(checkpoint, out_dir, name, robustbench)
+    targets = [os.path.join(out_dir, *f.split("/")) for f in files]
     created: List[str] = []
     tmps: List[str] = []
     current = targets[0]
     try:
         created = make_dirs(out_dir)
-        for target, content in zip(targets, (data, text)):
+        if any(f.startswith(EVALUATIONS + "/") for f in files):
+            created += make_dirs(os.path.join(out_dir, EVALUATIONS))
+        for target, content in zip(targets, files.values()):
             current = target
             tmps.append(_write_tmp(target, content))
-        for tmp, target in zip(tmps, targets):  # both complete: a crash between the renames is a hash mismatch
+        for tmp, target in zip(tmps, targets):  # all complete: a crash between the renames is a hash mismatch
             current = target
             os.replace(tmp, target)
     except BaseException as e:
@@ -93,6 +153,8 @@ def export_model(checkpoint: str, out_dir: str, force: bool = False) -> Dict[str
         if isinstance(e, OSError):
             raise AdvewsError(f"cannot write {current}: {e.strerror or e}") from None
         raise
+    for stale in set(earlier) - set(files):  # --force: nothing of the earlier export outlives it
+        remove_quietly(os.path.join(out_dir, stale))
     return config
 
 
@@ -140,5 +202,5 @@ def load_export(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
                   f"SHA-256 of it (written by advews {config.get('advews_version', '?')}, before exports carried one)")
     elif digest != expected.lower():
         raise AdvewsError(f"export {path} is corrupt: {weights_path} does not match the SHA-256 in {config_path} "
-                          "(bytes changed on disk)")
+                          f"(the file hashes to {digest}, config.json records {expected}: bytes changed on disk)")
     return {**{k: config.get(k) for k in _CARRIED}, "model": weights, "export": config}

@@ -56,14 +56,14 @@ def _stats(path: str, spec: Dict[str, Any], key: str) -> None:
 
 def check_spec(path: str, spec: Any) -> None:
     """The types of a ``model_spec``: known arch, options dict, classes, channels, mean and std."""
-    from advews.models import ARCHITECTURES
+    from advews.models import ARCHITECTURES, known_arch
 
     if not isinstance(spec, dict):
         raise AdvewsError(f"{path} is not an advews checkpoint (model_spec is {_kind(spec)}, not a dict)")
     arch = spec.get("arch")
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+    if not known_arch(arch):
         raise AdvewsError(f"{path}: model_spec names unknown model {arch!r}; "
-                          f"this advews knows {', '.join(sorted(ARCHITECTURES))}")
+                          f"this advews knows {', '.join(sorted(ARCHITECTURES))} and timm:NAME")
     for key, low in (("num_classes", 2), ("in_channels", 1)):
         value = spec.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -73,6 +73,9 @@ def check_spec(path: str, spec: Any) -> None:
         raise AdvewsError(f"{path}: model_spec options must be a dict of keyword arguments, got {options!r}")
     _stats(path, spec, "mean")
     _stats(path, spec, "std")
+    version = spec.get("timm_version")
+    if version is not None and not isinstance(version, str):
+        raise AdvewsError(f"{path}: model_spec timm_version must be a version string like '1.0.31', got {version!r}")
 
 
 def check_threat_model(path: str, threat: Any) -> None:
@@ -168,6 +171,13 @@ def _build_meta(path: str, spec: Dict[str, Any]) -> torch.nn.Module:
         raise AdvewsError(f"{path}: cannot build its model_spec ({describe_spec(spec)}): {first}") from None
 
 
+def _timm_drift(spec: Dict[str, Any]) -> str:
+    """The timm version note of a timm spec ('' for other archs or the same timm)."""
+    from advews.models.timm_arch import is_timm, version_note
+
+    return version_note(spec.get("timm_version")) if is_timm(spec.get("arch")) else ""
+
+
 def check_weights(path: str, spec: Dict[str, Any], weights: Any) -> None:
     """``weights`` (a state_dict) are finite, fit the model ``spec`` builds and agree with its
     normalisation; ``spec`` has passed ``check_spec``."""
@@ -176,8 +186,13 @@ def check_weights(path: str, spec: Dict[str, Any], weights: Any) -> None:
         raise AdvewsError(f"{path}: its model weights are {_kind(weights)}, not a dict of tensors")
     model = _build_meta(path, spec).state_dict()
     misfit = _first_misfit(model, weights)
+    drift = _timm_drift(spec)
     if misfit:
-        raise AdvewsError(f"{path}: its model_spec ({describe_spec(spec)}) does not fit its weights ({misfit})")
+        raise AdvewsError(f"{path}: its model_spec ({describe_spec(spec)}) does not fit its weights ({misfit})"
+                          + (f"; {drift}" if drift else ""))
+    if drift:
+        warn_once(f"{path}:timm", f"{path}: {drift}; its weights fit this timm's {spec['arch']}, "
+                  "but layers may compute differently: compare its clean accuracy before trusting numbers")
     bad = [k for k, v in weights.items() if (v.is_floating_point() or v.is_complex()) and not torch.isfinite(v).all()]
     if bad:
         what = "NaN" if torch.isnan(weights[bad[0]]).any() else "Inf"

@@ -60,7 +60,9 @@ def make_optimizer(
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-    raise AdvewsError(f"unknown optimizer {name!r}; choose one of adam, sgd")
+    if name == "adamw":  # decoupled weight decay, as the transformer recipes (Singh et al. 2023) train
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    raise AdvewsError(f"unknown optimizer {name!r}; choose one of adam, adamw, sgd")
 
 
 Curve = Callable[[int], float]

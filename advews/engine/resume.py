@@ -79,6 +79,13 @@ def show_value(value: Any) -> str:
     return "(default)" if value is _MISSING else repr(value)
 
 
+def _same_value(a: Any, b: Any) -> bool:
+    """Equal as written (1 and 1.0 differ), dicts whatever their key order (config.gin sorts them)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    return repr(a) == repr(b)
+
+
 def changed_settings(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     """(key, old value, new value) of each setting whose effective value differs."""
     changes = []
@@ -86,7 +93,7 @@ def changed_settings(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         a = _default(key) if a is _MISSING else a
         b = _default(key) if b is _MISSING else b
-        if repr(a) != repr(b):
+        if not _same_value(a, b):
             changes.append((key, a, b))
     return changes
 

@@ -5,7 +5,8 @@ RNG state per rank, the model, optimizer, scheduler, scaler and defense state (E
 the divergence guard's count, the partial train-metric sums of an unfinished epoch, the metrics
 history and the config, the EMA of the weights (``ema``, None without one) and which weights
 evaluation and export take by default (``weights``: 'ema' or 'live'), so a resume from any checkpoint is bit-exact and rewrites metrics.jsonl.
-It also holds the training data's fingerprint (``engine.data_identity``): a resume on changed data is refused.
+It also holds the training data's fingerprint (``engine.data_identity``): a resume on changed data is refused,
+and the compute ledger's totals (``ledger``, ``engine.ledger``), which continue across the resume.
 
 A write that fails for a full disk (``DiskFullError``, exit 4) names what is still on disk (``_kept``);
 one during a preemption save still ends the run as preempted (exit 143) and says so.
@@ -29,6 +30,7 @@ from advews.engine.preemption import Preempted
 from advews.engine.resume import show_value
 from advews.engine.rundir import BEST, LAST, read_metrics, write_metrics
 from advews.errors import AdvewsError, DiskFullError
+from advews.models.timm_arch import is_timm, version_note
 
 FORMAT = 2
 RESUME_KEYS = ("epoch", "model", "defense", "defense_state", "optimizer", "scheduler", "rng", "best")
@@ -64,6 +66,7 @@ class CheckpointState:
             "overrides": list(self.overrides),
             "config": gin.config_str(),
             "data_fingerprint": self.data_fingerprint,
+            "ledger": self.ledger.state_dict(),
         }
 
     def _kept(self) -> str:
@@ -151,6 +154,10 @@ class CheckpointState:
                 f"the config says {self.defense_name!r}"
             )
         check_same_data(state.get("data_fingerprint"), self.data_fingerprint, self.data.name, path)
+        saved_spec = state.get("model_spec") if isinstance(state.get("model_spec"), dict) else {}
+        drift = version_note(saved_spec.get("timm_version")) if is_timm(self.spec["arch"]) else ""
+        if drift:
+            raise AdvewsError(f"cannot resume {path}: {drift}; a run resumes on the code it started with")
         check_rng_states(path, state["rng"])
         if len(state["rng"]) != self.dist.world:
             raise AdvewsError(f"cannot resume {path}: it was trained on {len(state['rng'])} ranks, this run has {self.dist.world}")
@@ -183,6 +190,7 @@ class CheckpointState:
             self.partial = {"lr": partial["lr"], "counts": dict(partial["counts"][r]),
                             "sums": {k: v.to(self.device) for k, v in partial["sums"][r].items()}}
         self.guard.load_state_dict(state.get("guard", {}))
+        self.ledger.load_state_dict(state.get("ledger"))
         self.history = list(state["history"]) if "history" in state else read_metrics(self.output_dir, self.start_epoch)
         self.overrides = list(state.get("overrides", []))
         if overrides:

@@ -30,8 +30,10 @@ from advews.defenses import build_defense
 from advews.engine import distributed
 from advews.engine.backward import StepBackward
 from advews.engine.data_identity import data_fingerprint
+from advews.engine.devices import resolve_device
 from advews.engine.ema import EMA, ema_warmup
 from advews.engine.guard import NonFiniteGuard, collapsed
+from advews.engine.ledger import Ledger, first_batch, untouched_rng
 from advews.engine.optim import make_optimizer, make_scheduler
 from advews.engine.params import require_bool, require_int, require_str
 from advews.engine.precision import Precision
@@ -44,19 +46,6 @@ from advews.engine.validation import check_val_loss, validation_counts
 from advews.errors import AdvewsError
 from advews.models import build_model, model_spec
 from advews.subnets import install_masks
-
-
-def resolve_device(device: str) -> torch.device:
-    require_str("train.device", device)
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise AdvewsError(f"bad device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AdvewsError(f"device {device!r} requested but CUDA is not available; use auto or cpu")
-    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -193,6 +182,7 @@ class Trainer(CheckpointState):
             self.history: List[Dict[str, float]] = []
             self.overrides: List[Dict[str, Any]] = []
             self.signals = PreemptionSignals()
+            self.ledger = Ledger(self.dist.world)  # the compute ledger (engine.ledger), saved with the state
             if continuing:
                 self._load(os.path.join(output_dir, "last.pt"), overrides)
         except BaseException:  # a run that cannot start leaves the directory as it found it
@@ -366,6 +356,7 @@ class Trainer(CheckpointState):
                 return row
             with self.signals:
                 distributed.on_main(self._write_config)
+                self._measure_cost()
                 for epoch in range(self.start_epoch, self.epochs):
                     with self._preemption_save(f"the end of epoch {epoch + 1}", if_signalled=True):
                         row = self._run_epoch(epoch)
@@ -379,12 +370,21 @@ class Trainer(CheckpointState):
         finally:
             self.close()
 
+    def _measure_cost(self) -> None:
+        """FLOPs and passes of one real iteration, on copies, RNG streams untouched (``engine.ledger``)."""
+        with untouched_rng(self.device):
+            x, y = first_batch(self.data, self.batch_size, self.seed, self.device)
+            x, y = self._shard(self.precision.input(x), y)
+            self.ledger.measure(self.model, self.defense, self.precision, x, y, quiet=self.quiet)
+
     def _run_epoch(self, epoch: int) -> Dict[str, float]:
         start = time.time()
+        self.ledger.begin_epoch()
         first, partial = (self.start_step, self.partial) if epoch == self.start_epoch else (0, None)
         row: Dict[str, Any] = {"epoch": epoch + 1}
         row.update(self.train_epoch(epoch, first, partial))
         row["train_time"] = time.time() - start
+        row.update(self.ledger.end_epoch(self.steps_per_epoch, self.batch_size, row["train_time"]))
         metrics, is_collapsed = self._validate()
         row.update(metrics)
         row["epoch_time"] = time.time() - start

@@ -5,63 +5,29 @@ JSON files that ``advews-eval --output`` wrote into it (attack evaluations and s
 whose configs agree up to the seed (``train.seed``) and output paths, or on the ``--group-by`` keys,
 form a group; each metric is reported as mean and sample sd over the group's runs, and a group is
 compared with a baseline by the paired difference over the seeds both have, with a Student-t 95% CI.
-All metrics are accuracies or errors held as fractions and printed in percent.
+Accuracies and errors are held as fractions and printed in percent; the compute ledger's cost
+columns (``evaluation.run_cost``: PFLOPs, device-hours, passes per example, the cost to reach a
+validation robust accuracy) are printed in their own units.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from advews.errors import AdvewsError
 from advews.evaluation.plots import read_metrics
-from advews.evaluation.stats import Stat, summarize
+from advews.evaluation.report_table import FORMATS, Comparison, Group, Report, Run, format_report
+from advews.evaluation.run_cost import check_cost_to, is_cost, run_cost
+from advews.evaluation.stats import summarize
 
-FORMATS = ("md", "csv", "latex")
 SEED_KEY = "train.seed"
 SUBNET_STATS = ("median", "p10", "mean", "p90")
 DEFAULT_SUBNET_STATS = ("median", "p10")
 _BINDING = re.compile(r"^([A-Za-z_][\w./@]*)\s*=\s*(.*)$")
 _PLAIN_STRING = re.compile(r"'[^'\\]*'|\"[^\"\\]*\"")
-
-
-@dataclass
-class Run:
-    path: str
-    bindings: Dict[str, str]
-    seed: int
-    metrics: Dict[str, float]
-    conflicts: Dict[str, str] = field(default_factory=dict)  # metric -> why two files disagree on it
-    audit: Optional[List[str]] = None  # the flags of its audit card (advews-eval --audit); [] = none raised
-
-
-@dataclass
-class Group:
-    label: str
-    bindings: Dict[str, str]  # those every run of the group shares
-    runs: List[Run]
-    stats: Dict[str, Stat]
-
-
-@dataclass
-class Comparison:
-    """``group`` minus ``baseline``, paired by seed."""
-    group: str
-    baseline: str
-    seeds: List[int]
-    stats: Dict[str, Stat]
-
-
-@dataclass
-class Report:
-    metrics: List[str]
-    groups: List[Group]
-    comparisons: List[Comparison]
 
 
 def read_config(path: str) -> Dict[str, str]:
@@ -162,21 +128,10 @@ def audit_flags(card: Mapping, where: str) -> List[str]:
     return [r["indicator"] for r in rows if r.get("flagged") is True]
 
 
-def _audit_cell(runs: Sequence[Run]) -> str:
-    """'pass' when every audited run raised no indicator, else the flags and how many runs raised them."""
-    audited = [r for r in runs if r.audit is not None]
-    if not audited:
-        return "-"
-    counted = "" if len(audited) == len(runs) else f" (n={len(audited)})"
-    flags = sorted({f for r in audited for f in r.audit or []})
-    if not flags:
-        return "pass" + counted
-    return "FLAG " + ", ".join(f"{f} {sum(f in (r.audit or []) for r in audited)}/{len(audited)}" for f in flags)
-
-
-def read_run(path: str) -> Run:
-    """A run directory's config, seed and metrics: the final metrics.jsonl row's validation accuracies
-    and the metrics of every JSON file in the directory."""
+def read_run(path: str, cost_to: Optional[float] = None) -> Run:
+    """A run directory's config, seed and metrics: the final metrics.jsonl row's validation accuracies,
+    the run's cost (``run_cost``, with the cost to reach ``cost_to`` percent val robust accuracy) and
+    the metrics of every JSON file in the directory."""
     if not os.path.exists(path):
         raise AdvewsError(f"run directory {path} does not exist")
     if not os.path.isdir(path):
@@ -187,11 +142,14 @@ def read_run(path: str) -> Run:
         seed = int(bindings[SEED_KEY])
     except ValueError:
         raise AdvewsError(f"{path}: {SEED_KEY} = {bindings[SEED_KEY]} is not an integer") from None
-    last = read_metrics(os.path.join(path, "metrics.jsonl"))[-1]
+    rows = read_metrics(os.path.join(path, "metrics.jsonl"))
+    last = rows[-1]
     run = Run(path, bindings, seed, {})
     for key, name in (("val_clean_acc", "final_val_clean"), ("val_robust_acc", "final_val_robust")):
         if isinstance(last.get(key), (int, float)):
             run.metrics[name] = last[key]
+    cost, run.not_reached = run_cost(rows, cost_to)
+    run.metrics.update(cost)
     sources: Dict[str, str] = {}
     for file in sorted(f for f in os.listdir(path) if f.endswith(".json")):
         try:
@@ -270,7 +228,9 @@ def _find_group(groups: Sequence[Group], spec: str, option: str) -> Group:
 
 def _column(name: str) -> int:
     """Column block of a metric: clean, attacks (AutoAttack last), worst case, corruptions, final
-    validation accuracies, subnets in BN eval mode, subnets in BN train mode."""
+    validation accuracies, subnets in BN eval mode, subnets in BN train mode, cost."""
+    if is_cost(name):
+        return 8
     if "@" in name:
         return 7 if name.endswith("_bntrain") else 6
     for block, prefixes in ((0, ("clean",)), (3, ("worst(",)), (4, ("corruption_error", "mCE")),
@@ -309,17 +269,19 @@ def _paired(group: Group, baseline: Group, metrics: Sequence[str]) -> Comparison
 
 def compare_runs(
     run_dirs: Sequence[str], group_by: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None,
-    baseline: Optional[str] = None, labels: Optional[Mapping[str, str]] = None,
+    baseline: Optional[str] = None, labels: Optional[Mapping[str, str]] = None, cost_to: Optional[float] = None,
 ) -> Report:
     """The numbers behind the table. ``metrics``: column names (default: every accuracy found, subnet
-    analyses as robust median and p10); ``labels``: {new label: group label or 'key=value ...'};
+    analyses as robust median and p10, the cost columns); ``cost_to``: also the cost to reach this
+    percent val robust accuracy (``evaluation.run_cost``); ``labels``: {new label: group label or 'key=value ...'};
     ``baseline``: the group the others are compared with (default: the first of exactly two)."""
     if not run_dirs:
         raise AdvewsError("no run directories given")
     if len({os.path.realpath(d) for d in run_dirs}) < len(run_dirs):
         raise AdvewsError("a run directory is given twice")
-    runs = [read_run(d) for d in run_dirs]
-    found = sorted(dict.fromkeys(m for r in runs for m in r.metrics), key=_column)  # stable: first seen first
+    runs = [read_run(d, cost_to) for d in run_dirs]
+    # stable: first seen first; a cost-to-reach column no run reached still shows, as 'not reached'
+    found = sorted(dict.fromkeys(m for r in runs for m in [*r.metrics, *r.not_reached]), key=_column)
     if metrics is None:
         metrics = [m for m in found if _default_metric(m)]
     for m in metrics:
@@ -345,70 +307,13 @@ def compare_runs(
     return Report(list(metrics), groups, comparisons)
 
 
-def _cell(stat: Optional[Stat], n_runs: int, signed: bool = False) -> str:
-    """``mean ± sd`` of a group, ``+diff [CI]`` of a comparison; (n=k) when one value or fewer than n_runs."""
-    if stat is None:
-        return "-"
-    text = f"{100 * stat.mean:+.2f}" if signed else f"{100 * stat.mean:.2f}"
-    if stat.ci is not None:
-        text += f" [{100 * stat.ci[0]:+.2f}, {100 * stat.ci[1]:+.2f}]"
-    elif stat.sd is not None:
-        text += f" ± {100 * stat.sd:.2f}"
-    return text if stat.n == n_runs and stat.n > 1 else f"{text} (n={stat.n})"
-
-
-def table_rows(rep: Report) -> List[List[str]]:
-    """Header, one row per group, then one per paired comparison; cells in percent."""
-    audit = any(r.audit is not None for g in rep.groups for r in g.runs)  # the verdict column, when audited
-    rows = [["method", "seeds", *(["audit"] if audit else []), *rep.metrics]]
-    for g in rep.groups:
-        rows.append([g.label, ",".join(str(r.seed) for r in g.runs), *([_audit_cell(g.runs)] if audit else []),
-                     *(_cell(g.stats.get(m), len(g.runs)) for m in rep.metrics)])
-    for c in rep.comparisons:
-        rows.append([f"Δ {c.group} vs {c.baseline} (paired, n={len(c.seeds)})", ",".join(map(str, c.seeds)),
-                     *([""] if audit else []),
-                     *(_cell(c.stats.get(m), len(c.seeds), signed=True) for m in rep.metrics)])
-    return rows
-
-
-def _note(rep: Report) -> str:
-    note = "Percent; mean ± sample sd over seeds, (n=k) where only k runs have the value."
-    if rep.comparisons:
-        return note + " Δ rows: paired difference over the seeds both groups have, [95% CI, Student t]."
-    return note + (" Pass --baseline GROUP for paired differences." if len(rep.groups) > 2 else "")
-
-
-def _latex_escape(text: str) -> str:
-    return re.sub(r"([&%$#_{}])", r"\\\1", text).replace("~", r"\textasciitilde{}").replace("^", r"\^{}")
-
-
-def format_report(rep: Report, fmt: str = "md") -> str:
-    """The table as markdown, CSV or LaTeX (booktabs)."""
-    if fmt == "csv":
-        buf = io.StringIO()
-        csv.writer(buf, lineterminator="\n").writerows(table_rows(rep))
-        return buf.getvalue()
-    if fmt == "latex":
-        rows = [[_latex_escape(c).replace("±", r"$\pm$").replace("Δ", r"$\Delta$") for c in row]
-                for row in table_rows(rep)]
-        body = [" & ".join(row) + r" \\" for row in rows]
-        lines = [f"% {_note(rep)} Needs \\usepackage{{booktabs}}.",
-                 r"\begin{tabular}{l" + "c" * (len(rows[0]) - 1) + "}", r"\toprule", body[0], r"\midrule",
-                 *body[1:len(rep.groups) + 1]]
-        if rep.comparisons:
-            lines += [r"\midrule", *body[len(rep.groups) + 1:]]
-        return "\n".join(lines + [r"\bottomrule", r"\end{tabular}"]) + "\n"
-    rows = table_rows(rep)
-    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    lines.insert(1, "|" + "|".join(["---"] * (len(rows[0]) - len(rep.metrics)) + ["---:"] * len(rep.metrics)) + "|")
-    return "\n".join(lines) + "\n\n" + _note(rep) + "\n"
-
-
 def report(
     run_dirs: Sequence[str], group_by: Optional[Sequence[str]] = None, metrics: Optional[Sequence[str]] = None,
     fmt: str = "md", baseline: Optional[str] = None, labels: Optional[Mapping[str, str]] = None,
+    cost_to: Optional[float] = None,
 ) -> str:
-    """``compare_runs`` formatted as a table; the format is checked before any run is read."""
+    """``compare_runs`` formatted as a table; the format and ``cost_to`` are checked before any run is read."""
     if fmt not in FORMATS:
         raise AdvewsError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return format_report(compare_runs(run_dirs, group_by, metrics, baseline, labels), fmt)
+    cost_to = check_cost_to(cost_to)
+    return format_report(compare_runs(run_dirs, group_by, metrics, baseline, labels, cost_to), fmt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Dict, Optional
 
@@ -14,6 +15,7 @@ from advews.models.activation import activation_fn
 from advews.models.normalize import Normalized
 from advews.models.preact_resnet import PreActBlock, PreActResNet, preact_resnet18, small_preact_resnet
 from advews.models.resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50
+from advews.models.timm_arch import build_timm, check_timm, is_timm, timm_version
 from advews.models.wide_resnet import WideBlock, WideResNet, wrn_28_10, wrn_34_10
 
 
@@ -47,6 +49,11 @@ POSITIVE_INTS = ("blocks_per_stage", "depth", "widen_factor", "width")  # option
 WRN_DEPTHS = {"wide_resnet": "e.g. 28, 34", "dm_wide_resnet": "e.g. 28, 70, 106"}
 
 
+def known_arch(arch: Any) -> bool:
+    """A name of ``ARCHITECTURES`` or ``timm:NAME`` (any timm model)."""
+    return isinstance(arch, str) and (arch in ARCHITECTURES or is_timm(arch))
+
+
 def _positive_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -55,10 +62,14 @@ def check_options(arch: str, options: Any) -> None:
     """``model.arch`` and ``model.options`` in one line each before anything is built: an unknown
     architecture or option, a width or depth that is not a positive integer, a dropout outside
     [0, 1), an unknown activation (torch would fail later with a negative-dimension traceback)."""
-    if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise AdvewsError(f"unknown model {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}")
+    if not known_arch(arch):
+        raise AdvewsError(f"unknown model {arch!r}; choose one of {', '.join(sorted(ARCHITECTURES))}, "
+                          "or timm:NAME for any timm model")
     if not isinstance(options, dict) or not all(isinstance(k, str) for k in options):
         raise AdvewsError(f"model.options must be a dict of keyword options such as {{'dropout': 0.1}}, got {options!r}")
+    if is_timm(arch):
+        check_timm(arch, options)
+        return
     params = inspect.signature(ARCHITECTURES[arch]).parameters
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         allowed = [n for n in params if n not in ("num_classes", "in_channels")]
@@ -88,10 +99,14 @@ def check_options(arch: str, options: Any) -> None:
 
 @gin.configurable("model")
 def model_spec(arch: str = DEFAULT_ARCH, options: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """The architecture name and its keyword options; the data adds classes, channels and normalisation."""
+    """The architecture name and its keyword options; the data adds classes, channels and normalisation.
+    A timm architecture also records the timm version it is built with (see ``timm_arch``)."""
     options = {} if options is None else options
     check_options(arch, options)
-    return {"arch": arch, "options": dict(options)}
+    spec = {"arch": arch, "options": dict(options)}
+    if is_timm(arch):
+        spec["timm_version"] = timm_version()
+    return spec
 
 
 def build_model(spec: Dict[str, Any]) -> Normalized:
@@ -101,10 +116,9 @@ def build_model(spec: Dict[str, Any]) -> Normalized:
     """
     arch = spec["arch"]
     check_options(arch, spec.get("options", {}))
+    build = functools.partial(build_timm, arch) if is_timm(arch) else ARCHITECTURES[arch]
     try:
-        net = ARCHITECTURES[arch](
-            num_classes=spec["num_classes"], in_channels=spec["in_channels"], **spec.get("options", {})
-        )
+        net = build(num_classes=spec["num_classes"], in_channels=spec["in_channels"], **spec.get("options", {}))
     except TypeError as e:
         raise AdvewsError(f"bad options {spec.get('options')} for model {arch!r}: {e}") from None
     return Normalized(net, spec.get("mean", [0.0] * spec["in_channels"]), spec.get("std", [1.0] * spec["in_channels"]))
@@ -112,7 +126,7 @@ def build_model(spec: Dict[str, Any]) -> Normalized:
 
 __all__ = [
     "ARCHITECTURES", "DEFAULT_ARCH", "BasicBlock", "Bottleneck", "DMBlock", "DMWideResNet", "Normalized",
-    "PreActBlock", "PreActResNet", "ResNet", "WideBlock", "WideResNet", "build_model", "check_options", "dm_wrn_28_10",
+    "PreActBlock", "PreActResNet", "ResNet", "WideBlock", "WideResNet", "build_model", "check_options", "known_arch", "dm_wrn_28_10",
     "dm_wrn_70_16", "model_spec", "preact_resnet18", "resnet18", "resnet50", "small_preact_resnet",
     "tv_resnet50", "wrn_28_10", "wrn_34_10",
 ]

@@ -8,6 +8,7 @@ from advews.subnets.search import (
 from advews.subnets.space import (
     BlockSpace, LayerSpace, PathSpace, ResidualAdapter, SubnetSpace, discover, keep_count, register_adapter,
 )
+from advews.subnets import timm_adapters  # noqa: F401  (registers timm's ViT, Swin and ConvNeXt blocks)
 
 __all__ = [
     "BlockSpace", "Controller", "ControllerSearch", "L1Search", "LayerSpace", "PathSpace", "RandomSearch",

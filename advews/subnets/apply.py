@@ -271,7 +271,13 @@ def install_masks(model: nn.Module, space: Optional[SubnetSpace] = None) -> None
 
 def _ones_mask(layer: LayerSpace) -> torch.Tensor:
     w = layer.module.weight
-    return torch.ones(1, layer.channels, *[1] * (w.dim() - 2), device=w.device, dtype=w.dtype)
+    return torch.ones(1, layer.channels * layer.group, *[1] * (w.dim() - 2), device=w.device, dtype=w.dtype)
+
+
+def _columns(layer: LayerSpace, idx: Sequence[int]) -> list:
+    """The input columns of ``layer.module`` that the kept channels ``idx`` cover (``group`` each)."""
+    g = layer.group
+    return [i * g + j for i in idx for j in range(g)]
 
 
 def _is_installed(space: SubnetSpace) -> bool:
@@ -296,7 +302,7 @@ def _set_installed(space: SubnetSpace, alpha: Optional[Subnet]) -> None:
                 else:
                     new = torch.zeros_like(mask)
                     if p in kept:
-                        new.view(-1)[list(alpha.channels[b][kept.index(p)][l])] = 1.0
+                        new.view(-1)[_columns(layer, alpha.channels[b][kept.index(p)][l])] = 1.0
                 setattr(layer.module, _MASK, new)
 
 
@@ -339,7 +345,7 @@ def subnet(
                 for p, layers in zip(kept, chans):
                     for layer, idx in zip(block.paths[p].layers, layers):
                         mask = torch.zeros_like(_ones_mask(layer))
-                        mask.view(-1)[list(idx)] = 1
+                        mask.view(-1)[_columns(layer, idx)] = 1
                         undos.append(_attach_mask(layer.module, mask, buffer=False))
         yield
     finally:

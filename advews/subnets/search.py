@@ -239,11 +239,12 @@ def _smallest(norms: Sequence[float], k: int) -> Tuple[int, ...]:
 def path_gain(path: PathSpace) -> float:
     """Weight-magnitude gain of a path: mean over output channels of the L1 norm of their weights.
 
-    Taken on the last module with a weight inside the path's output module (a conv's kernel, or a
-    BN's |gamma|). Per output channel, so paths of different kernel sizes compare. An identity
+    Taken on the last module with a weight inside the path's ``gain_module``, else its output module
+    (a conv's kernel, or a BN's |gamma|). Per output channel, so paths of different kernel sizes compare. An identity
     shortcut is a 1x1 conv with the identity matrix: gain 1.
     """
-    weighted = [m for m in path.output_module.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    where = path.gain_module if path.gain_module is not None else path.output_module
+    weighted = [m for m in where.modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
     if not weighted:
         return 1.0
     w = weighted[-1].weight.detach().abs()
@@ -285,6 +286,8 @@ class L1Search(WeakSubnetSearch):
                 layers = []
                 for l in block.paths[p].layers:
                     norms = self.input_norms(l.module)
+                    if len(norms) == l.channels * l.group:  # a channel spans ``group`` columns (a head)
+                        norms = norms.reshape(l.channels, l.group).sum(1)
                     if len(norms) != l.channels:
                         raise AdvewsError(f"{l.name}: its weight ranks {len(norms)} input channels, the space has "
                                           f"{l.channels}; L1Search cannot rank a {type(l.module).__name__}")

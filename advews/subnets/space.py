@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Sequence, Tuple, Type
+from typing import Callable, Dict, Optional, Sequence, Tuple, Type, Union
 
 import gin
 from torch import nn
@@ -39,20 +39,26 @@ def keep_count(n: int, rho: float, rounding: str = "ceil") -> int:
 
 @dataclass(frozen=True)
 class LayerSpace:
-    """Hidden channels of a path, masked at the input of ``module``, the conv that consumes them."""
+    """Hidden channels of a path, masked at the input of ``module``, the conv or linear that consumes
+    them. ``group``: input columns per channel, consecutive (an attention head is ``head_dim``
+    columns of the output projection's input), so the module reads ``channels * group`` inputs."""
 
     name: str
     module: nn.Module
     channels: int
+    group: int = 1
 
 
 @dataclass(frozen=True)
 class PathSpace:
-    """One summand of a block: zeroing the output of ``output_module`` removes exactly this path."""
+    """One summand of a block: zeroing the output of ``output_module`` removes exactly this path.
+    ``gain_module``: where ``L1Search`` reads the path's weight magnitude when ``output_module``
+    holds no weight (a transformer branch ends in an identity or DropPath)."""
 
     name: str
     output_module: nn.Module
     layers: Tuple[LayerSpace, ...]
+    gain_module: Optional[nn.Module] = None
 
 
 @dataclass(frozen=True)
@@ -149,15 +155,27 @@ _ADAPTERS: Dict[Type[nn.Module], Adapter] = {
 }
 
 
-def register_adapter(block_cls: Type[nn.Module], adapter: Adapter) -> None:
-    """Teach ``discover`` a block type (subclasses included): ``adapter(name, block)`` lists its paths."""
-    _ADAPTERS[block_cls] = adapter
+# Adapters of another library's blocks, by the class's qualified name: registering them imports
+# nothing (timm's blocks, ``timm_adapters``; a timm model means timm is already imported).
+_NAMED_ADAPTERS: Dict[str, Adapter] = {}
+
+
+def register_adapter(block_cls: Union[Type[nn.Module], str], adapter: Adapter) -> None:
+    """Teach ``discover`` a block type (subclasses included): ``adapter(name, block)`` lists its paths.
+    ``block_cls`` may be the class's qualified name, ``'package.module.Class'``."""
+    if isinstance(block_cls, str):
+        _NAMED_ADAPTERS[block_cls] = adapter
+    else:
+        _ADAPTERS[block_cls] = adapter
 
 
 def _adapter_for(module: nn.Module) -> Adapter | None:
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
+        named = _NAMED_ADAPTERS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if named is not None:
+            return named
     return None
 
 
@@ -169,7 +187,7 @@ def discover(model: nn.Module) -> SubnetSpace:
         if adapter is not None:
             blocks.append(BlockSpace(name, tuple(adapter(name, module))))
     if not blocks:
-        known = ", ".join(sorted(c.__name__ for c in _ADAPTERS))
+        known = ", ".join(sorted([c.__name__ for c in _ADAPTERS] + [n.rsplit(".", 1)[1] for n in _NAMED_ADAPTERS]))
         raise AdvewsError(
             f"{type(model).__name__} has no residual block with a subnet adapter (known: {known}); "
             "add one with advews.subnets.register_adapter"
