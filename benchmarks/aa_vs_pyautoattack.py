@@ -23,8 +23,7 @@ from pyautoattack import AutoAttack
 
 import advews
 from advews.data import load_data
-from advews.models import build_model
-from common import default_device, machine, workload_parser
+from common import default_device, machine, workload_model, workload_parser
 
 
 def images(args, device):
@@ -34,7 +33,7 @@ def images(args, device):
         data = load_data(**model.data_spec).test.subset(torch.arange(args.n))
         return model, data.images.permute(0, 2, 3, 1).numpy(), data.labels.numpy()
     torch.manual_seed(0)
-    model = build_model({"arch": args.arch, "num_classes": 10, "in_channels": args.channels}).to(device).eval()
+    model = workload_model(args, device).eval()
     u8 = torch.randint(0, 256, (args.n, args.image_size, args.image_size, args.channels), dtype=torch.uint8)
     with torch.no_grad():
         y = model(u8.permute(0, 3, 1, 2).float().div(255).to(device)).argmax(1).cpu()

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from advews.defenses import AT
-from advews.models import build_model
-from common import default_device, machine, median_time, workload_parser
+from common import default_device, machine, median_time, workload_model, workload_parser
 
 
 def plain_iteration(model, opt, x, y, eps, alpha, steps):
@@ -49,7 +48,7 @@ def main() -> None:
     device = default_device()
     print(f"machine: {machine()}")
     torch.manual_seed(0)
-    model = build_model({"arch": args.arch, "num_classes": 10, "in_channels": args.channels}).to(device).train()
+    model = workload_model(args, device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = torch.rand(args.batch, args.channels, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -46,9 +47,19 @@ def workload_parser(description: str, batch: int = 64) -> argparse.ArgumentParse
     Defaults are the CPU quickstart workload; PreAct ResNet-18 is ``--arch preact_resnet18
     --channels 3 --image-size 32 --eps 0.0314``."""
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--arch", default="small_preact_resnet")
+    p.add_argument("--arch", default="small_preact_resnet", help="any model.arch, timm:NAME included")
+    p.add_argument("--options", default="{}",
+                   help="the architecture's options as JSON, e.g. '{\"widths\": [8, 16, 16]}'")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--image-size", type=int, default=28)
     p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--eps", type=float, default=0.3)
     return p
+
+
+def workload_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Module:
+    """The ``--arch``/``--options`` model for 10 classes and ``--channels`` input channels, in train mode."""
+    from advews.models import build_model, model_spec
+
+    spec = dict(model_spec(args.arch, json.loads(args.options)), num_classes=10, in_channels=args.channels)
+    return build_model(spec).to(device).train()

@@ -16,7 +16,6 @@ Any architecture of the model registry: ``--arch NAME --options JSON`` (``advews
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -25,8 +24,7 @@ import torch
 from advews.defenses import DEFENSES
 from advews.engine.ledger import measure_iteration
 from advews.engine.precision import Precision
-from advews.models import build_model, model_spec
-from common import default_device, machine, sync, workload_parser
+from common import default_device, machine, sync, workload_model, workload_parser
 
 
 def timed(device, fn):
@@ -37,19 +35,13 @@ def timed(device, fn):
     return out, time.perf_counter() - start
 
 
-def make_model(args, device):
-    """The ``--arch``/``--options`` model for 10 classes and ``--channels`` input channels."""
-    spec = dict(model_spec(args.arch, json.loads(args.options)), num_classes=10, in_channels=args.channels)
-    return build_model(spec).to(device).train()
-
-
 class Runner:
     """One defense on its own copy of the same model and batch; ``step()`` times one iteration."""
 
     def __init__(self, name: str, args, device):
         torch.manual_seed(0)
         self.device = device
-        self.model = make_model(args, device)
+        self.model = workload_model(args, device)
         eps = {"eps": args.eps, "step_size": args.eps / 4, "steps": args.steps}
         extra = {"rho": 0.9, "interval": args.interval} if name.endswith("_EWS") else {}
         self.defense = DEFENSES[name](**eps, **extra)
@@ -105,7 +97,7 @@ def measure_pair(base: str, args, device):
 def subnet_step_cost(args, device):
     """Seconds and FLOPs of one forward + backward of the model (what the EWS subnet step adds, at most)."""
     torch.manual_seed(0)
-    model = make_model(args, device)
+    model = workload_model(args, device)
     x = torch.rand(args.batch, args.channels, args.image_size, args.image_size, device=device)
     y = torch.randint(0, 10, (args.batch,), device=device)
     times = []
@@ -123,8 +115,6 @@ def main() -> None:
     p.add_argument("--interval", type=int, default=10, help="EWS K")
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--options", default="{}",
-                   help="the architecture's options as JSON, e.g. '{\"widths\": [8, 16, 16]}'")
     args = p.parse_args()
     device = default_device()
     print(f"machine: {machine()}")

@@ -18,18 +18,17 @@ import sys
 
 import torch
 
-from common import default_device, machine, workload_parser
+from common import default_device, machine, workload_model, workload_parser
 
 
 def one(name: str, args) -> float:
     from advews.defenses import DEFENSES
     from advews.engine.backward import StepBackward
     from advews.engine.precision import Precision
-    from advews.models import build_model
 
     device = default_device()
     torch.manual_seed(0)
-    model = build_model({"arch": args.arch, "num_classes": 10, "in_channels": args.channels}).to(device).train()
+    model = workload_model(args, device)
     extra = {"rho": 0.9, "interval": 1} if name.endswith("_EWS") else {}
     defense = DEFENSES[name](eps=args.eps, step_size=args.eps / 4, steps=10, **extra)
     defense.setup(model)
@@ -64,7 +63,8 @@ def main() -> None:
     print(f"machine: {machine()}")
     peaks = {}
     for name in ("AT", "AT_EWS", "TRADES", "TRADES_EWS"):
-        cmd = [sys.executable, __file__, "--only", name, "--arch", args.arch, "--channels", str(args.channels),
+        cmd = [sys.executable, __file__, "--only", name, "--arch", args.arch, "--options", args.options,
+               "--channels", str(args.channels),
                "--image-size", str(args.image_size), "--batch", str(args.batch), "--eps", str(args.eps)]
         cmd += ["--summed"] if args.summed else []
         runs = [float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])

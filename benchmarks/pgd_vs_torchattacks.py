@@ -11,7 +11,7 @@ from advews.attacks import PGD
 from advews.data import load_data
 from advews.engine.checkpoint import load_checkpoint
 from advews.models import build_model
-from common import default_device, machine, median_time, workload_parser
+from common import default_device, machine, median_time, workload_model, workload_parser
 
 
 def main() -> None:
@@ -28,7 +28,7 @@ def main() -> None:
         model.load_state_dict(state["model"])
         x, y = next(load_data(**state["data_spec"]).test.batches(args.batch, device=device))
     else:
-        model = build_model({"arch": args.arch, "num_classes": 10, "in_channels": args.channels}).to(device).eval()
+        model = workload_model(args, device).eval()
         x = torch.rand(args.batch, args.channels, args.image_size, args.image_size, device=device)
         y = model(x).argmax(1).detach()  # every point starts correctly classified
     ours = PGD(eps=args.eps, steps=20, step_size=args.eps / 8, random_start=False)

@@ -33,15 +33,7 @@ FAMILIES = {
                                                  "conv_stem": True, "conv_mlp": True}),
 }
 TRAINED = ("vit", "deit", "swin", "convnext")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: resumed runs are compared bit for bit with uninterrupted ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(family, seed=0):

@@ -104,9 +104,14 @@ def model_info(evaluation: Evaluation, config: Dict[str, Any], name: str, weight
         "reported": accuracy,
         "autoattack_acc": accuracy,
         "additional_data": bool(data_spec.get("extra_data") or data_spec.get("extra_folders")),
+        # RobustBench's field: forward passes of the model per prediction (1: deterministic, no test-time
+        # augmentation); the attack's own cost goes in the footnote.
         "number_forward_passes": 1,
         "footnote": (f"Trained with advews {config.get('advews_version', __version__)} ({config.get('defense')}); "
                      f"AutoAttack standard (pyautoattack) on all {evaluation.data['n_examples']} test images, "
-                     f"seed {entry.get('seed')}; {evaluation.name} sha256 {evaluation.sha256}, model.safetensors "
+                     f"seed {entry.get('seed')}"
+                     + (f", {entry['forward_passes']:.0f} forward passes per example" if "forward_passes" in entry
+                        else "")
+                     + f"; {evaluation.name} sha256 {evaluation.sha256}, model.safetensors "
                      f"sha256 {weights_sha256}."),
     }

@@ -71,6 +71,8 @@ def run_cost(rows: Sequence[Mapping[str, Any]], cost_to: Optional[float] = None)
 def format_cost(mean: float, sd: Optional[float], ci: Optional[Tuple[float, float]], signed: bool) -> str:
     """A cost cell: ``mean ± sd`` or ``+diff [CI]`` to 4 significant digits."""
     text = f"{mean:+.4g}" if signed else f"{mean:.4g}"
+    if sd is not None and abs(sd) <= 1e-9 * max(abs(mean), 1.0):  # float noise of equal values, not spread
+        sd = 0.0
     if ci is not None:
         return text + f" [{ci[0]:+.4g}, {ci[1]:+.4g}]"
     return text + (f" ± {sd:.2g}" if sd is not None else "")
