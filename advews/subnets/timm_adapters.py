@@ -16,12 +16,12 @@ What a path and a channel are, per family (the models stay timm's own; masks com
   The branch's channels are the MLP's hidden units (fc2's input: a Linear, or a 1x1 conv with
   ``conv_mlp``); the depthwise conv's channels are not masked.
 
-Registered by qualified class name, so importing advews imports no timm. Every consuming layer is a plain ``nn.Linear`` or groups-1 conv, so the mask rides on its weight
-columns (``apply.py``), which equals masking its input, values and gradients
-(tests/test_timm.py). Recommended widths: rho 0.7 for ResNet-like use; with two paths per block,
-any rho > 0.5 keeps both paths (ceil rule) and thins heads and hidden units only, e.g. 3 heads of
-a ViT-Ti keep 3 at rho 0.7 (ceil 2.1) and 2 at rho 0.6; rho <= 0.5 also drops one of the two
-branches of every block.
+Registered by qualified class name, so importing advews imports no timm. Every consuming layer is
+a plain ``nn.Linear`` or groups-1 conv, so the mask rides on its weight columns (``apply.py``),
+which equals masking its input, values and gradients (tests/test_timm.py). Widths: with two paths
+per block any rho > 0.5 keeps both paths (ceil rule) and thins heads and hidden units only: the 3
+heads of a ViT-Ti stay 3 at rho 0.7 (ceil 2.1) and become 2 at rho 0.6, 4 heads become 3 at rho
+0.7; rho <= 0.5 also drops one of the two branches of every block.
 """
 
 from __future__ import annotations
