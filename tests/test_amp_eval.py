@@ -177,8 +177,10 @@ def test_reattack_resumes_and_shards(halves, tmp_path, monkeypatch, capsys):
     entry = resumed["attacks"]["pgd"]
     assert entry["stages"][0]["resumed"] and entry["robust_acc"] == whole["robust_acc"] == 0.5
     assert [s["robust_acc"] for s in entry["stages"]] == [s["robust_acc"] for s in whole["attacks"]["pgd"]["stages"]]
+    cost = ("forward_passes", "backward_passes", "flops")  # counted only for an attack run whole
+    assert not set(cost) & set(entry) and set(cost) <= set(whole["attacks"]["pgd"])
     assert {k: v for k, v in entry.items() if k not in ("seconds", "stages")} == \
-        {k: v for k, v in whole["attacks"]["pgd"].items() if k not in ("seconds", "stages")}
+        {k: v for k, v in whole["attacks"]["pgd"].items() if k not in ("seconds", "stages", *cost)}
     monkeypatch.chdir(tmp_path)  # two array jobs and --merge: the same flags
     base = ["--model", "test_amp_eval:Underflow", "--data", halves, "--eps", "0.1", "--steps", "3", "--attack", "pgd",
             "--amp", "fp16", "--batch-size", "8", "--fixed-batches", "--shards", "2", "--state", "p.json"]

@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from advews import load_model
+from advews.api.eval_state import read_state, write_state
 from advews.api.evaluate import evaluate
+from advews.cli.eval import main as eval_main
 from advews.cli.report import main as report_main
 from advews.cli.train import main as train_main
 from advews.defenses import DEFENSES
@@ -198,3 +200,29 @@ def test_bad_cost_to_is_one_line(value, tmp_path, capfd):
     assert report_main([run_dir, "--cost-to", value]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--cost-to {value!r}" in err[0] and "(0, 100]" in err[0]
+
+
+def test_sharded_evaluation_merges_passes_and_flops_and_a_resumed_attack_has_none(run, tmp_path):
+    """Shards count their own passes; the merge weighs them by shard size and sums the FLOPs, so a
+    sharded evaluation records what an unsharded one does. An attack resumed mid-way (its first part
+    ran in another process) records no count rather than a partial one."""
+    out, _ = run
+    common = ["--checkpoint", os.path.join(out, "last.pt"), "--attack", "pgd", "--steps", "2", "--n-examples", "12",
+              "--batch-size", "4", "--device", "cpu"]
+    whole = tmp_path / "whole.json"
+    assert eval_main(common + ["--output", str(whole)]) == 0
+    for shard in (0, 1):
+        assert eval_main(common + ["--shards", "2", "--shard", str(shard), "--state", str(tmp_path / "s.json")]) == 0
+    merged = tmp_path / "merged.json"
+    assert eval_main(["--merge", str(tmp_path / "s.shard0of2.json"), str(tmp_path / "s.shard1of2.json"),
+                      "--output", str(merged)]) == 0
+    a, b = (json.loads(p.read_text())["attacks"]["pgd"] for p in (whole, merged))
+    assert (b["forward_passes"], b["backward_passes"]) == (a["forward_passes"], a["backward_passes"]) == (4, 2)
+    assert b["flops"] == pytest.approx(a["flops"], rel=1e-12)
+    state = read_state(str(tmp_path / "s.shard1of2.json"))
+    for key in ("forward_passes", "backward_passes", "flops"):  # what a shard resumed mid-attack records
+        del state["attacks"]["pgd"]["entry"][key]
+    write_state(str(tmp_path / "s.shard1of2.json"), state)
+    assert eval_main(["--merge", str(tmp_path / "s.shard0of2.json"), str(tmp_path / "s.shard1of2.json"),
+                      "--output", str(merged), "--force"]) == 0
+    assert "forward_passes" not in json.loads(merged.read_text())["attacks"]["pgd"]  # no partial count

@@ -94,13 +94,23 @@ def merge_records(records: Sequence[Dict[str, Any]], where: Sequence[str] = (), 
     return result, flags
 
 
+COST = ("forward_passes", "backward_passes", "flops")  # per example (passes) and total (flops); engine.ledger
+
+
 def _entry(name: str, records: Sequence[Dict[str, Any]], robust: torch.Tensor, stages: Dict[str, torch.Tensor],
            clean: torch.Tensor, low: Any, amp: Any) -> Dict[str, Any]:
     """One attack's JSON entry over all shards: parameters, accuracy, AutoAttack stages, warnings
-    (each once), the seconds summed over the shards, and with --amp both broken counts."""
+    (each once), the seconds summed over the shards, with --amp both broken counts, and its passes
+    per example and FLOPs when every shard counted them (an attack resumed mid-way has no count)."""
     shard_entries = [r["attacks"][name]["entry"] for r in records]
     entry: Dict[str, Any] = {"robust_acc": fraction(robust),
-                             **{k: v for k, v in shard_entries[0].items() if k not in ("stages", "warnings", "seconds")}}
+                             **{k: v for k, v in shard_entries[0].items() if k not in ("stages", "warnings", "seconds")
+                                and k not in COST}}
+    if all(k in e for e in shard_entries for k in COST):  # every shard ran it whole (none resumed mid-attack)
+        sizes = [r["stop"] - r["start"] for r in records]
+        for key in ("forward_passes", "backward_passes"):
+            entry[key] = round(sum(e[key] * n for e, n in zip(shard_entries, sizes)) / max(sum(sizes), 1), 3)
+        entry["flops"] = sum(e["flops"] for e in shard_entries)
     if stages:
         entry["stages"] = [{"attack": s, "robust_acc": fraction(flags),
                             "seconds": round(sum(next(x["seconds"] for x in e["stages"] if x["attack"] == s)

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from advews.api.eval_state import STATE_FORMAT, claim, pack, shard_path, write_state
+from advews.engine.ledger import AttackCost
 from advews.api.options import EvalOptions
 from advews.api.precision_check import attack_flags
 from advews.api.shard_merge import merge_records
@@ -236,28 +237,33 @@ def _run_shard(args: EvalOptions, run: Any, place: World, bounds: Tuple[int, int
         record["clean"] = pack(correct_flags(run.model, run.data, batch_size=args.batch_size, device=run.device,
                                              desc="clean"))
         save()
+    cost = AttackCost(run.model, x[:1].to(run.device)) if run.attacks else None
     for name, attack in run.attacks.items():
         if name in record["attacks"]:
             say(f"{name}: restored from {state}")
             continue
         torch.manual_seed(args.seed)
+        counted: Dict[str, Any] = {}  # passes and FLOPs, kept only for an attack run whole in this process
+        whole = name not in record["progress"]
 
         def keep(progress: Dict[str, Any], name: str = name) -> None:
             record["progress"][name] = progress
             save()
 
-        if name == "autoattack":
-            done = _autoattack(args, run, x, y, (state, record["progress"].get(name)), keep, say)
-        else:
-            resumed = name in record["progress"]
-            flags = attack_flags(
-                run.model, run.data, attack, batch_size=args.batch_size, device=run.device, amp=args.amp,
-                progress_state=record["progress"].get(name), save=keep, desc=name,
-                batch_seeds=(args.seed, bounds[0] // args.batch_size) if args.fixed_batches else None)
-            done = {"robust": pack(flags.robust), "entry": {**run.params[name], "seconds": flags.seconds}}
-            if flags.low is not None:
-                stages, done["entry"]["stages"] = _amp_stages(name, args.amp, flags, resumed)
-                done.update(low_robust=pack(flags.low), stages=stages)
+        with cost.count(counted, len(y)):
+            if name == "autoattack":
+                done = _autoattack(args, run, x, y, (state, record["progress"].get(name)), keep, say)
+            else:
+                flags = attack_flags(
+                    run.model, run.data, attack, batch_size=args.batch_size, device=run.device, amp=args.amp,
+                    progress_state=record["progress"].get(name), save=keep, desc=name,
+                    batch_seeds=(args.seed, bounds[0] // args.batch_size) if args.fixed_batches else None)
+                done = {"robust": pack(flags.robust), "entry": {**run.params[name], "seconds": flags.seconds}}
+                if flags.low is not None:
+                    stages, done["entry"]["stages"] = _amp_stages(name, args.amp, flags, not whole)
+                    done.update(low_robust=pack(flags.low), stages=stages)
+        if whole:
+            done["entry"].update(counted)
         record["attacks"][name] = done
         record["progress"].pop(name, None)
         save()
