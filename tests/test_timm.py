@@ -269,3 +269,65 @@ def test_export_round_trip_of_a_timm_model(runs, tmp_path):
     x = digits(8)
     with torch.no_grad():
         assert torch.equal(exported.eval()(x), original.eval()(x))
+
+
+class _ChannelsFirstLN(nn.Module):
+    """Singh et al.'s channels-first LayerNorm (ConvNeXt's), written out: mean and biased variance
+    over channels, eps 1e-6, then the affine."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        return self.weight[:, None, None] * ((x - u) / torch.sqrt(s + 1e-6)) + self.bias[:, None, None]
+
+
+def _reference_stem(widths, final=None):
+    """Their ConvBlock (ViT: 3x3 stride-2 conv, LN, GELU per width, then a 1x1 conv to ``final``) and
+    ConvBlock1 (ConvNeXt-T/S: the same without the 1x1), transcribed from nmndeep/revisiting-at."""
+    layers, cin = [], 3
+    for w in widths:
+        layers += [nn.Conv2d(cin, w, 3, stride=2, padding=1), _ChannelsFirstLN(w), nn.GELU()]
+        cin = w
+    if final:
+        layers.append(nn.Conv2d(cin, final, 1))
+    return nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("which", ["vit_s", "convnext_t"])
+def test_conv_stems_equal_a_transcription_of_singh_et_al(which):
+    """ViT-S ConvStem (ConvBlock(48, end_siz=8): widths 48-384, 1x1 to 384) and ConvNeXt-T ConvStem
+    (ConvBlock1(48): widths 48, 96) from the same weights: same outputs and input gradients."""
+    from advews.models.timm_arch import convnext_conv_stem, vit_conv_stem
+
+    torch.manual_seed(0)
+    if which == "vit_s":
+        ours = vit_conv_stem(nn.Conv2d(3, 384, 16, stride=16), 48)
+        theirs = _reference_stem((48, 96, 192, 384), final=384)
+        with torch.device("meta"):  # the recipe's model gets exactly this stem
+            deit = build_model(dict(model_spec("timm:deit_small_patch16_224", {"conv_stem": True}),
+                                    num_classes=10, in_channels=3)).model
+        assert [type(m) for m in deit.patch_embed.proj] == [type(m) for m in ours]
+    else:
+        ours = convnext_conv_stem(nn.Sequential(nn.Conv2d(3, 96, 4, stride=4), nn.Identity()))
+        theirs = _reference_stem((48, 96))
+    params = list(ours.parameters())
+    assert [p.shape for p in params] == [p.shape for p in theirs.parameters()]
+    with torch.no_grad():
+        for a, b in zip(params, theirs.parameters()):
+            a.copy_(torch.randn_like(a) * 0.2)  # norms' affines too, so they matter
+            b.copy_(a)
+    x = torch.rand(2, 3, 64, 64)
+    outs = []
+    for stem in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        out = stem(xi)
+        out.square().sum().backward()
+        outs.append((out.detach(), xi.grad, [p.grad for p in stem.parameters()]))
+    (a, ga, pa), (b, gb, pb) = outs
+    assert a.shape == b.shape == ((2, 384, 4, 4) if which == "vit_s" else (2, 96, 16, 16))
+    assert torch.allclose(a, b, atol=1e-5) and torch.allclose(ga, gb, atol=1e-5)
+    assert all((p - q).abs().max() <= 1e-5 * q.abs().max() for p, q in zip(pa, pb))  # float32 sums of ~1e5 terms
