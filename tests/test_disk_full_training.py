@@ -14,7 +14,7 @@ import pytest
 import torch
 import small_disk
 from bad_input_world import snapshot
-from test_reliability import assert_same_run
+from test_reliability import args_for, assert_same_run
 
 from advews.cli.train import main as train_main
 from advews.engine import checkpoint as ckpt
@@ -46,10 +46,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def argv(out, *params, resume=False):
-    args = ["--gin", "quickstart.gin", "--quiet", "--output", str(out)]
-    for p in TINY + list(params):
-        args += ["--gin-param", p]
-    return args + (["--resume"] if resume else [])
+    return args_for(out, *TINY, *params, resume=resume)
 
 
 def one_line(err):

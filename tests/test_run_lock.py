@@ -11,6 +11,7 @@ import time
 
 import pytest
 from bad_input_world import snapshot
+from test_reliability import args_for
 
 from advews.cli.report import main as report_main
 from advews.cli.train import main as train_main
@@ -43,10 +44,7 @@ sys.exit(main(sys.argv[5:]))
 
 
 def argv(out, *params, resume=False):
-    args = ["--gin", "quickstart.gin", "--quiet", "--output", str(out)]
-    for p in TINY + list(params):
-        args += ["--gin-param", p]
-    return args + (["--resume"] if resume else [])
+    return args_for(out, *TINY, *params, resume=resume)
 
 
 @pytest.fixture(scope="module")
